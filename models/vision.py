@@ -1,0 +1,170 @@
+"""Flexible vision encoder: a timm ViT that takes images and videos alike.
+
+Input is (B, F, 3, H, W); an image is a 1-frame video. Every frame is patchified with the ViT's own patch embedding and
+gets its own CLS token and the spatial position embedding; for F > 1 a learnable temporal embedding is added to every
+token of frame f (CLS included). Inside each block, frame-CLS tokens attend to all tokens of all frames while patch
+tokens attend only within their own frame (its CLS and patches), using the ViT's pretrained attention weights, so
+video needs no new attention parameters (SCL/GLSCL "flexible vision encoder", methods.md §1.2).
+
+Output tokens are ordered [CLS_1..CLS_F, patches_1, ..., patches_F]; the global feature is the mean of the F CLS tokens.
+
+The timm model's submodules are adopted directly (patch_embed, cls_token, pos_embed, norm_pre, blocks, norm), so state
+dict keys match timm's and every parameter belongs to a module whose forward runs (required by ZeRO-3, which gathers
+a module's own parameters only when that module's forward is called).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+from models.checkpointing import run_layer
+
+
+@dataclass
+class VisionConfig:
+    timm_name: str = "vit_base_patch16_224"  # any timm VisionTransformer, e.g. vit_base_patch16_clip_224 (CLIP-style)
+    img_size: int = 224
+    patch_size: Optional[int] = None  # None keeps the timm default of the named model
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    drop_last_blocks: int = 0  # METER/SCL drop the last CLIP block
+    max_frames: int = 8  # size of the temporal embedding table
+    drop_path_rate: float = 0.0
+
+    def validate(self) -> None:
+        if self.drop_last_blocks < 0:
+            raise ValueError(f"model.vision.drop_last_blocks must be >= 0, got {self.drop_last_blocks}")
+        if self.max_frames < 1:
+            raise ValueError(f"model.vision.max_frames must be >= 1, got {self.max_frames}")
+
+
+@dataclass
+class VisionOutput:
+    tokens: torch.Tensor  # (B, F + F*P, D): frame CLS tokens first, then every frame's patches
+    num_frames: int
+
+    @property
+    def global_feature(self) -> torch.Tensor:
+        return self.tokens[:, : self.num_frames].mean(1)
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        cfg.validate()
+        overrides = {k: getattr(cfg, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+                     if getattr(cfg, k) is not None}
+        if not timm.is_model(cfg.timm_name):
+            raise ValueError(f"model.vision.timm_name: unknown timm model {cfg.timm_name!r}")
+        try:
+            vit = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, global_pool="",
+                                    img_size=cfg.img_size, drop_path_rate=cfg.drop_path_rate, **overrides)
+        except TypeError as e:  # e.g. a CNN rejects img_size
+            raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} is not a timm VisionTransformer ({e})") from None
+        if not isinstance(vit, VisionTransformer):
+            raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} is not a timm VisionTransformer")
+        if vit.cls_token is None or vit.reg_token is not None or vit.no_embed_class or vit.pos_embed is None:
+            raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} needs one class token, no register tokens "
+                             "and an absolute position embedding that covers the class token")
+        for blk in vit.blocks:
+            attn = getattr(blk, "attn", None)
+            if attn is None or not hasattr(attn, "qkv") or getattr(attn, "gate", None) is not None:
+                raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} has blocks whose attention is not "
+                                 "timm's fused-qkv Attention; the video path needs it")
+        keep = len(vit.blocks) - cfg.drop_last_blocks
+        if keep < 1:
+            raise ValueError(f"model.vision.drop_last_blocks={cfg.drop_last_blocks} leaves no block "
+                             f"({len(vit.blocks)} in {cfg.timm_name})")
+
+        self.cfg = cfg
+        self.patch_embed = vit.patch_embed
+        self.cls_token = vit.cls_token
+        self.pos_embed = vit.pos_embed
+        self.norm_pre = vit.norm_pre  # CLIP's ln_pre; Identity for plain ViTs
+        self.blocks = nn.ModuleList(list(vit.blocks)[:keep])
+        self.norm = vit.norm  # CLIP's ln_post is kept even when the last block is dropped (as METER does)
+        self.embed_dim = vit.embed_dim
+        self.grid_size = tuple(self.patch_embed.grid_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.temporal_embed = nn.Parameter(torch.randn(1, cfg.max_frames, self.embed_dim) * 0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed", "temporal_embed"}
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, F, 3, H, W) -> (B, F, 1 + P, D) tokens with spatial (+ temporal) position embeddings added."""
+        if pixel_values.dim() != 5:
+            raise ValueError(f"pixel_values must be (B, F, 3, H, W), got shape {tuple(pixel_values.shape)}")
+        b, f = pixel_values.shape[:2]
+        if f > self.cfg.max_frames:
+            raise ValueError(f"{f} frames given but model.vision.max_frames={self.cfg.max_frames}")
+        x = pixel_values.flatten(0, 1).to(self.patch_embed.proj.weight.dtype)
+        x = self.patch_embed(x) + self.pos_embed[:, 1:]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1).unflatten(0, (b, f))
+        if f > 1:
+            # Images skip the temporal embedding so a pretrained image ViT computes exactly what it was trained to.
+            x = x + self.temporal_embed[:, :f].unsqueeze(2)
+        return x
+
+    def forward(self, pixel_values: torch.Tensor) -> VisionOutput:
+        x = self.norm_pre(self.embed(pixel_values))
+        b, f, t, d = x.shape
+        if f == 1:
+            x = x.squeeze(1)
+            for blk in self.blocks:
+                x = run_layer(blk, blk, x)
+            x = x.unsqueeze(1)
+        else:
+            for blk in self.blocks:
+                x = run_layer(blk, _video_block, blk, x)
+        x = self.norm(x)
+        tokens = torch.cat([x[:, :, 0], x[:, :, 1:].flatten(1, 2)], dim=1)
+        return VisionOutput(tokens=tokens, num_frames=f)
+
+    def load_timm_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Strict load of timm-keyed ViT weights: resamples pos_embed to this grid, names what it drops."""
+        sd = dict(state_dict)
+        if "pos_embed" in sd and sd["pos_embed"].shape != self.pos_embed.shape:
+            sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=self.grid_size, num_prefix_tokens=1)
+        dropped = sorted(k for k in sd if k.startswith("blocks.") and int(k.split(".")[1]) >= len(self.blocks))
+        head = sorted(k for k in sd if k.split(".")[0] in ("head", "fc_norm"))
+        for k in dropped + head:
+            del sd[k]
+        sd.setdefault("temporal_embed", self.temporal_embed.detach().clone())
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"vision weights do not match: missing={missing} unexpected={unexpected}")
+
+
+def _video_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One timm ViT block on (B, F, T, D) with frame-CLS global / patch within-frame attention."""
+    b, f, t, d = x.shape
+    attn = blk.attn
+    h, hd = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(blk.norm1(x)).reshape(b, f, t, 3, h, hd)
+    q, k, v = qkv.unbind(3)  # (B, F, T, H, hd)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    p = attn.attn_drop.p if attn.training else 0.0
+    # Every token attends within its own frame (this is exact for patch rows) ...
+    per_frame = lambda z: z.permute(0, 1, 3, 2, 4).reshape(b * f, h, t, hd)
+    local = F.scaled_dot_product_attention(per_frame(q), per_frame(k), per_frame(v), dropout_p=p)
+    local = local.reshape(b, f, h, t, hd)
+    # ... and frame-CLS rows are recomputed against all tokens of all frames.
+    all_frames = lambda z: z.permute(0, 3, 1, 2, 4).reshape(b, h, f * t, hd)
+    cls_q = q[:, :, 0].permute(0, 2, 1, 3)  # (B, H, F, hd)
+    cls = F.scaled_dot_product_attention(cls_q, all_frames(k), all_frames(v), dropout_p=p)
+    out = torch.cat([cls.permute(0, 2, 1, 3).unsqueeze(3), local[:, :, :, 1:]], dim=3)  # (B, F, H, T, hd)
+    out = out.permute(0, 1, 3, 2, 4).reshape(b, f, t, h * hd)
+    out = attn.proj_drop(attn.proj(attn.norm(out)))
+    x = x + blk.drop_path1(blk.ls1(out))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))

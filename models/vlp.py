@@ -1,0 +1,138 @@
+"""The vision-language pretraining model: encoders + fusion + the configured objectives.
+
+Every shared encoder pass is computed once per step and handed to all objectives through a `StepContext`: the
+unmasked image and text encodings (and their fusion-input projections) are computed lazily on first use and cached,
+so ITC, ITM and MLM never re-encode what another objective already encoded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+import torch.nn as nn
+
+from models.fusion import FusionConfig, FusionEncoder, FusionOutput
+from models.objectives import ITC, ITM, MLM, OBJECTIVE_CONFIGS, OBJECTIVE_ORDER
+from models.objectives.base import LocalGather
+from models.text import TextConfig, TextEncoder
+from models.vision import VisionConfig, VisionEncoder, VisionOutput
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+
+class StepContext:
+    """One step's inputs and the encoder passes shared between objectives."""
+
+    def __init__(self, model: "VLPModel", batch: dict):
+        self.model = model
+        self.pixel_values = batch["pixel_values"]
+        self.input_ids = batch["input_ids"]
+        self.attention_mask = batch["attention_mask"]
+        self.gather = model.gather
+        self.cache: dict = {}
+
+    @cached_property
+    def image(self) -> VisionOutput:
+        return self.model.vision(self.pixel_values)
+
+    @property
+    def num_frames(self) -> int:
+        return self.image.num_frames
+
+    @cached_property
+    def image_proj(self) -> torch.Tensor:
+        return self.model.fusion.project_image(self.image.tokens)
+
+    @cached_property
+    def text_proj(self) -> torch.Tensor:
+        return self.encode_text(self.input_ids, self.attention_mask)
+
+    @property
+    def image_global(self) -> torch.Tensor:
+        return self.image_proj[:, : self.num_frames].mean(1)
+
+    @property
+    def text_global(self) -> torch.Tensor:
+        return self.text_proj[:, 0]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.fusion.project_text(self.model.text(input_ids, attention_mask))
+
+    def fuse(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, **kw) -> FusionOutput:
+        return self.model.fusion(text, text_mask, image, self.num_frames, **kw)
+
+
+class VLPModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, objective_cfgs: dict, tokenizer):
+        super().__init__()
+        unknown = set(objective_cfgs) - set(OBJECTIVE_CONFIGS)
+        if unknown:
+            raise ValueError(f"objectives: unknown {sorted(unknown)}; known: {sorted(OBJECTIVE_CONFIGS)}")
+        if not objective_cfgs:
+            raise ValueError("objectives: enable at least one objective")
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.text = TextEncoder(cfg.text)
+        if len(tokenizer) > self.text.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text model only {self.text.vocab_size}")
+        self.fusion = FusionEncoder(cfg.fusion, self.text.hidden_size, self.vision.embed_dim)
+        d = cfg.fusion.hidden_size
+        builders = {
+            "itc": lambda c: ITC(c, d),
+            "itm": lambda c: ITM(c, d),
+            "mlm": lambda c: MLM(c, d, self.text.vocab_size, tokenizer.mask_token_id, tokenizer.all_special_ids),
+        }
+        self.objectives = nn.ModuleDict({n: builders[n](objective_cfgs[n]) for n in OBJECTIVE_ORDER
+                                         if n in objective_cfgs})
+        self.weights = {n: float(objective_cfgs[n].weight) for n in self.objectives}
+        self.gather = LocalGather()
+
+    def set_gather(self, gather) -> None:
+        self.gather = gather
+
+    def forward(self, batch: dict) -> dict:
+        ctx = StepContext(self, batch)
+        losses, stats = {}, {}
+        total = 0.0
+        for name, objective in self.objectives.items():
+            out = objective(ctx)
+            total = total + self.weights[name] * sum(out.losses.values())
+            losses.update(out.losses)
+            stats.update(out.stats)
+        return {"loss": total, "losses": losses, "stats": stats}
+
+    # Retrieval-style embeddings (zero-shot evaluation); need the ITC objective's projections.
+    def _itc(self) -> ITC:
+        if "itc" not in self.objectives:
+            raise ValueError("encode_image/encode_text need the itc objective")
+        return self.objectives["itc"]
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.vision(pixel_values)
+        proj = self.fusion.project_image(out.tokens[:, : out.num_frames])
+        return self._itc().embed_image(proj.mean(1))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        proj = self.fusion.project_text(self.text(input_ids, attention_mask))
+        return self._itc().embed_text(proj[:, 0])
+
+    def layer_stacks(self) -> dict[str, list[nn.Module]]:
+        return {"vision": list(self.vision.blocks), "text": list(self.text.layers),
+                "fusion": list(self.fusion.layers)}
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"vision.{n}" for n in self.vision.no_weight_decay()}
+        for name, objective in self.objectives.items():
+            if hasattr(objective, "no_weight_decay"):
+                names |= {f"objectives.{name}.{n}" for n in objective.no_weight_decay()}
+        return names
+
+
+def build_model(cfg: ModelConfig, objective_cfgs: dict, tokenizer) -> VLPModel:
+    return VLPModel(cfg, objective_cfgs, tokenizer)

@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.objectives.itm import sample_negatives
+from models.objectives.mlm import mask_tokens
+
+
+def test_every_parameter_gets_a_gradient(model_factory, batch):
+    model = model_factory()
+    for frames in (1, 2):  # the temporal embedding only works on videos
+        out = model(batch(frames=frames))
+        out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert missing == []
+
+
+def test_total_is_weighted_sum_of_named_losses(model_factory, batch):
+    from models.objectives import ItcConfig, ItmConfig, MlmConfig
+    model = model_factory(objectives={"itc": ItcConfig(weight=0.5, embed_dim=32), "itm": ItmConfig(weight=2.0),
+                                      "mlm": MlmConfig(weight=1.0)})
+    torch.manual_seed(1)
+    out = model(batch())
+    l = out["losses"]
+    assert set(l) == {"itc", "itm", "mlm"}
+    torch.testing.assert_close(out["loss"], 0.5 * l["itc"] + 2.0 * l["itm"] + l["mlm"])
+
+
+def test_itc_equals_formula(model_factory, batch):
+    model = model_factory().eval()
+    b = batch()
+    out = model(b)
+    zi = model.encode_image(b["pixel_values"])
+    zt = model.encode_text(b["input_ids"], b["attention_mask"])
+    logits = zi @ zt.T / 0.07
+    labels = torch.arange(4)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    torch.testing.assert_close(out["losses"]["itc"], expected, rtol=1e-4, atol=1e-5)
+
+
+class FakeTwoRankGather:
+    """Rank 1 of 2, where rank 0 holds the given tensor: what a real all-gather returns on rank 1."""
+    rank, world_size = 1, 2
+
+    def __init__(self, other):
+        self.other = other
+
+    def __call__(self, t):
+        return torch.cat([self.other(t), t])
+
+
+def test_itc_uses_gathered_columns_and_rank_offset(model_factory, batch):
+    model = model_factory().eval()
+    b = batch()
+    zi = model.encode_image(b["pixel_values"])
+    zt = model.encode_text(b["input_ids"], b["attention_mask"])
+    rank0 = {"i": torch.randn(4, 32), "t": torch.randn(4, 32)}
+    rank0 = {k: F.normalize(v, dim=-1) for k, v in rank0.items()}
+    calls = iter([rank0["i"], rank0["t"]])
+    model.set_gather(FakeTwoRankGather(lambda t: next(calls)))
+    loss = model(b)["losses"]["itc"]
+    all_t, all_i = torch.cat([rank0["t"], zt]), torch.cat([rank0["i"], zi])
+    labels = torch.arange(4) + 4
+    expected = (F.cross_entropy(zi @ all_t.T / 0.07, labels) + F.cross_entropy(zt @ all_i.T / 0.07, labels)) / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_itc_temperature_stays_in_range(model_factory):
+    model = model_factory()
+    itc = model.objectives["itc"]
+    with torch.no_grad():
+        itc.log_inv_temperature.fill_(math.log(1 / 1e-6))
+    assert itc.temperature().item() == pytest.approx(itc.cfg.min_temperature)
+    with torch.no_grad():
+        itc.log_inv_temperature.fill_(-5.0)
+    assert itc.temperature().item() == pytest.approx(itc.cfg.max_temperature)
+
+
+def test_itm_negatives_avoid_forbidden_and_survive_degenerate_rows():
+    torch.manual_seed(0)
+    b = 6
+    forbidden = torch.eye(b, dtype=torch.bool)
+    forbidden[0, 1] = forbidden[1, 0] = True  # samples 0 and 1 share a caption
+    sims = torch.randn(b, b)
+    sims[2] = float("nan")
+    sims[3] = float("inf")
+    sims[4] = -1e9
+    for _ in range(50):
+        idx = sample_negatives(sims, forbidden)
+        assert not forbidden[torch.arange(b), idx].any()
+    idx = sample_negatives(None, torch.ones(2, 2, dtype=torch.bool))  # every caption identical: still works
+    assert (idx == torch.tensor([1, 0])).all()
+
+
+def test_itm_hard_negatives_follow_similarity():
+    torch.manual_seed(0)
+    sims = torch.full((3, 3), -30.0)
+    sims[0, 2] = sims[1, 0] = sims[2, 1] = 30.0
+    idx = sample_negatives(sims, torch.eye(3, dtype=torch.bool))
+    assert idx.tolist() == [2, 0, 1]
+
+
+def test_itm_rejects_batch_of_one(model_factory, batch):
+    with pytest.raises(ValueError, match="at least 2"):
+        model_factory()(batch(b=1))
+
+
+def test_mlm_masking_statistics(tokenizer):
+    torch.manual_seed(0)
+    enc = tokenizer(["a small red circle left of a large blue square and a green triangle"] * 2000,
+                    padding="max_length", max_length=24, return_tensors="pt")
+    ids, attn = enc["input_ids"], enc["attention_mask"]
+    special = torch.tensor(tokenizer.all_special_ids)
+    masked, labels = mask_tokens(ids, attn, special, tokenizer.mask_token_id, len(tokenizer), 0.15)
+    selected = labels != -100
+    candidates = attn.bool() & ~torch.isin(ids, special)
+    assert not (selected & ~candidates).any()  # specials and padding never selected
+    assert (masked[~selected] == ids[~selected]).all()
+    rate = selected.sum() / candidates.sum()
+    assert 0.14 < rate < 0.16
+    frac_mask = (masked[selected] == tokenizer.mask_token_id).float().mean()
+    frac_same = (masked[selected] == ids[selected]).float().mean()
+    assert 0.78 < frac_mask < 0.82
+    assert 0.08 < frac_same < 0.12 + 0.01  # 10% kept (+ random draws that hit the same id)
+    assert (labels[selected] == ids[selected]).all()
+
+
+def test_mlm_always_selects_at_least_one_token(tokenizer):
+    enc = tokenizer(["a red circle"], padding="max_length", max_length=8, return_tensors="pt")
+    special = torch.tensor(tokenizer.all_special_ids)
+    _, labels = mask_tokens(enc["input_ids"], enc["attention_mask"], special, tokenizer.mask_token_id,
+                            len(tokenizer), 1e-9)
+    assert (labels != -100).sum() == 1
+
+
+def test_activation_checkpointing_gives_identical_loss_and_grads(model_factory, batch):
+    b = batch(frames=2)
+    grads = []
+    for ckpt in (False, True):
+        model = model_factory()
+        for layers in model.layer_stacks().values():
+            for layer in layers:
+                layer.activation_checkpointing = ckpt
+        torch.manual_seed(3)
+        out = model(b)
+        out["loss"].backward()
+        grads.append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for n, g in grads[0][1].items():
+        torch.testing.assert_close(g, grads[1][1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bf16_losses_are_finite(model_factory, batch):
+    model = model_factory().to(torch.bfloat16)
+    out = model(batch(frames=2))
+    assert all(torch.isfinite(v.float()) for v in out["losses"].values())
+    out["loss"].backward()
+
+
+def test_pretrained_minilm_model_builds(model_factory, batch):
+    model = model_factory(pretrained_text=True)
+    out = model(batch())
+    assert torch.isfinite(out["loss"])
