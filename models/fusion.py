@@ -7,8 +7,8 @@ text->image maps of the last layer).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -100,13 +100,12 @@ class CoAttentionBlock(nn.Module):
         return t_new, v_new, t2v, v2t
 
 
-@dataclass
-class FusionOutput:
+class FusionOutput(NamedTuple):  # a NamedTuple so ZeRO-3 sees the tensors (see VisionOutput)
     text: torch.Tensor  # (B, Lt, D)
     image: torch.Tensor  # (B, Nv, D)
     cls_feats: torch.Tensor  # (B, 2D): [pooled text ; pooled image]
-    text_to_image_attentions: list = field(default_factory=list)  # per layer (B, heads, Lt, Nv), if requested
-    image_to_text_attentions: list = field(default_factory=list)
+    text_to_image_attentions: list  # per layer (B, heads, Lt, Nv), empty unless requested
+    image_to_text_attentions: list
 
 
 class FusionEncoder(nn.Module):

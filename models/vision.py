@@ -15,7 +15,7 @@ a module's own parameters only when that module's forward is called).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import timm
 import torch
@@ -47,8 +47,10 @@ class VisionConfig:
             raise ValueError(f"model.vision.max_frames must be >= 1, got {self.max_frames}")
 
 
-@dataclass
-class VisionOutput:
+class VisionOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 only finds output tensors inside tuples/lists/dicts, and it must see
+    them to re-gather this module's own parameters (pos_embed, ...) for backward."""
+
     tokens: torch.Tensor  # (B, F + F*P, D): frame CLS tokens first, then every frame's patches
     num_frames: int
 

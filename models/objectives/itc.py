@@ -38,7 +38,8 @@ class ITC(nn.Module):
         self.cfg = cfg
         self.image_proj = ProjectionHead(dim, cfg.embed_dim)
         self.text_proj = ProjectionHead(dim, cfg.embed_dim)
-        self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        # Shape (1,), not 0-dim: DeepSpeed 0.19 cannot broadcast 0-dim parameters at init.
+        self.log_inv_temperature = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.init_temperature)))
 
     def no_weight_decay(self) -> set[str]:
         return {"log_inv_temperature"}
@@ -52,7 +53,7 @@ class ITC(nn.Module):
     def temperature(self) -> torch.Tensor:
         c = self.cfg
         return 1.0 / self.log_inv_temperature.float().clamp(math.log(1 / c.max_temperature),
-                                                            math.log(1 / c.min_temperature)).exp()
+                                                            math.log(1 / c.min_temperature)).exp().squeeze(0)
 
     def forward(self, ctx) -> ObjectiveOutput:
         zi, zt = self.embed_image(ctx.image_global), self.embed_text(ctx.text_global)

@@ -1,0 +1,26 @@
+import json
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = str(REPO_ROOT / "train" / "configs" / "tiny_test.yaml")
+
+
+def write_ds_config(directory, stage: int, precision: str, **extra) -> str:
+    cfg = {"gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, **extra}
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    path = os.path.join(directory, f"ds_z{stage}_{precision}.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def data_overrides(demo) -> list[str]:
+    return [f'data.train=[{{shards: "{demo["paths"]["train_images"]}", modality: image}}]',
+            f'data.eval=[{{shards: "{demo["paths"]["val_images"]}", modality: image}}]']
+
+
+def read_metrics(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,140 @@
+"""The engine with DeepSpeed on CPU, the real tiny model and real demo shards: ZeRO 0-3 x fp32/bf16, activation
+checkpointing, stop + resume equivalence, a 2-rank launch, and the run directory layout."""
+import functools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, TINY, data_overrides, read_metrics, write_ds_config
+
+LOSS_KEYS = ("loss_itc", "loss_itm", "loss_mlm")
+
+
+@pytest.fixture(scope="module")
+def cached_run(pretrain, tmp_path_factory):
+    """Runs keyed by (stage, precision, activation checkpointing), each done once per module."""
+    @functools.lru_cache(maxsize=None)
+    def run(stage, precision, ac):
+        d = tmp_path_factory.mktemp(f"z{stage}_{precision}_{ac}")
+        ds = write_ds_config(d, stage, precision)
+        extra = ["train.activation_checkpointing={vision: -1, text: -1, fusion: -1}"] if ac else []
+        records = pretrain(d / "out", ds, "train.max_steps=2", *extra)
+        return records, d / "out"
+    return run
+
+
+@pytest.fixture(scope="module")
+def pretrain(demo_shards):   # module-scoped twin of the conftest fixture, for the cache above
+    from train import pretrain as entry
+
+    def run(out_dir, ds_config, *overrides, config=TINY, hook=None):
+        cfg, ds = entry.prepare(["--deepspeed_config", ds_config, "--config", config, "--output_dir", str(out_dir),
+                                 *data_overrides(demo_shards), *overrides])
+        entry.run(cfg, ds, engine_hook=hook)
+        return read_metrics(out_dir)
+    return run
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages_train(cached_run, stage, precision):
+    records, out = cached_run(stage, precision, False)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert all(math.isfinite(r[k]) for k in ("loss",) + LOSS_KEYS)
+    ev = json.loads((out / "eval.json").read_text())     # eval runs on every rank: must work under ZeRO-3 too
+    assert ev["num_samples"] == 64 and 0 <= ev["i2t_r1"] <= 1
+    assert (out / "checkpoints" / "latest").read_text() == "step_2"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_activation_checkpointing_same_loss(cached_run, stage):
+    plain, _ = cached_run(stage, "fp32", False)
+    ckpt, _ = cached_run(stage, "fp32", True)
+    for a, b in zip(plain, ckpt):
+        for k in ("loss",) + LOSS_KEYS:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a["step"])
+
+
+class _SignalAfter:
+    """Wraps a train loader; sends SIGUSR1 to this process after n batches (the SLURM preemption seam)."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.n:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield batch
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
+def test_stop_signal_saves_and_resume_matches_uninterrupted(pretrain, tmp_path):
+    ds = write_ds_config(tmp_path, 1, "fp32")
+    steps = ["train.max_steps=5", "train.save_every=0"]
+    full = pretrain(tmp_path / "full", ds, *steps)
+
+    def stop_during_step_3(engine):   # 2 micro-batches per step: batch index 4 is step 3's first
+        engine.loader = _SignalAfter(engine.loader, 4)
+    first = pretrain(tmp_path / "cut", ds, *steps, hook=stop_during_step_3)
+    assert [r["step"] for r in first] == [1, 2, 3]
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step_3"
+    assert not (tmp_path / "cut" / "eval.json").exists()          # stopped runs save but skip the final eval
+    resumed = pretrain(tmp_path / "cut", ds, *steps)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(full, resumed):
+        for k in ("loss", "lr") + LOSS_KEYS:
+            assert b[k] == a[k], (k, a["step"], a[k], b[k])        # bit-identical: data, RNG, optimizer, LR
+    assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == sorted(
+        ["latest", "step_3", "step_5", "zero_to_fp32.py", "zero_to_torch.py"])
+
+
+def test_demo_shards_loss_goes_down_and_run_layout(pretrain, tmp_path):
+    out = tmp_path / "out"
+    records = pretrain(out, str(REPO_ROOT / "ds_configs" / "cpu_demo.json"), "train.max_steps=30",
+                       "train.log_every=5", "train.micro_batch_size=8", "train.global_batch_size=8",
+                       "train.save_every=10", "train.keep_last=2", "train.lr=2.0e-3", "train.warmup_ratio=0.1")
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    for key in ("step", "loss", "lr", "samples_per_sec", "data_time", "step_time") + LOSS_KEYS:
+        assert key in records[0], key
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5, [r["loss"] for r in records]
+    ev = json.loads((out / "eval.json").read_text())
+    assert {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "chance", "num_samples", "step"} <= set(ev)
+    assert ev["step"] == 30 and ev["chance"] == pytest.approx(1 / 64)
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "tensorboard"))
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_30"
+    assert sorted(n for n in os.listdir(ckpts) if n.startswith("step_")) == ["step_20", "step_30"]   # keep_last
+    assert (ckpts / "step_30" / "train_state_rank0.pt").exists()
+
+
+def test_two_ranks_stay_identical(demo_shards, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ds = write_ds_config(tmp_path, 2, "fp32")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT",
+                                                             "MASTER_ADDR")}
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), "train/pretrain.py", "--deepspeed_config", ds,
+           "--config", TINY, "--output_dir", str(tmp_path / "out"), "train.max_steps=3",
+           "train.global_batch_size=8", *data_overrides(demo_shards)]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ranks in sync: True" in r.stdout, r.stdout[-3000:]
+    records = read_metrics(tmp_path / "out")
+    assert [x["step"] for x in records] == [1, 2, 3] and all(math.isfinite(x["loss"]) for x in records)
+    assert sorted(n for n in os.listdir(tmp_path / "out" / "checkpoints" / "step_3")
+                  if n.startswith("train_state")) == ["train_state_rank0.pt", "train_state_rank1.pt"]

@@ -1,0 +1,270 @@
+"""YAML run configs -> typed dataclasses, validated once at start.
+
+A config file has four sections: `model` (models.vlp.ModelConfig), `objectives` (name -> that objective's config
+from models.objectives.OBJECTIVE_CONFIGS), `data` (datasets.config.DataConfig) and `train` (TrainConfig below).
+The converter is driven by the dataclass type hints, so the other packages' configs get the same strict checks:
+an unknown key, a wrong type or a bad literal is one ConfigError naming the file and the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A bad config or command line; its message is the single line shown to the user."""
+
+
+@dataclass
+class ActivationCheckpointingConfig:
+    # Per tower: k = checkpoint the last k layers, -1 = all layers, 0 = none.
+    vision: int = 0
+    text: int = 0
+    fusion: int = 0
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8             # per rank, per forward pass
+    global_batch_size: int = 8            # = micro_batch_size * accumulation * world_size
+    max_steps: int = 1000                 # optimizer steps
+    lr: float = 1e-4
+    warmup_ratio: float = 0.05
+    schedule: Literal["linear", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.02
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    lr_multipliers: dict[str, float] = field(default_factory=dict)   # parameter-name prefix -> lr factor
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 0                   # 0: evaluate only at the end
+    eval_batch_size: int = 64
+    save_every: int = 0                   # 0: save only at the end
+    keep_last: int = 2                    # checkpoints kept (older step_N tags are deleted)
+    activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
+    output_dir: Optional[str] = None      # default: runs/<config file name>
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def convert(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against type hint `tp` and return it converted; raise ConfigError('key: ...') otherwise."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {convert(kt, k, key): convert(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads `1e-4` (no dot) as a string, so numeric-looking strings count as floats.
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {value!r}")
+        return value
+    if isinstance(tp, type):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def build_dataclass(cls: type, value: Any, key: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys, missing required keys and wrong types are errors."""
+    where = f"{key}: " if key else ""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}expected a mapping, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(f"{key + '.' if key else ''}{k}: unknown key (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{key}.{name}" if key else name
+        if name in value:
+            kwargs[name] = convert(hints[name], value[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{sub}: missing required key")
+    try:
+        obj = cls(**kwargs)
+        if callable(getattr(obj, "validate", None)):   # models/ and datasets/ configs check their own ranges
+            obj.validate()
+        return obj
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        # their messages usually name the dotted key already; add ours only when they do not
+        raise ConfigError(msg if key and msg.startswith(key.split(".")[0] + ".") else f"{where}{msg}") from None
+
+
+@dataclass
+class Config:
+    model: Any        # models.vlp.ModelConfig
+    objectives: dict  # name -> models.objectives.OBJECTIVE_CONFIGS[name] instance
+    data: Any         # datasets.config.DataConfig
+    train: TrainConfig
+    name: str = "run"  # config file stem; names the default output dir
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b.c=value` -> ("a.b.c", value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or not re.match(r"^[A-Za-z_][\w.]*$", key):
+        raise ConfigError(f"bad override {text!r}: expected dotted.key=value")
+    try:
+        return key, yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"{key}: cannot parse value {raw!r} as YAML") from None
+
+
+def apply_override(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, p in enumerate(parts[:-1]):
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a mapping, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _validate_train(t: TrainConfig) -> None:
+    def check(ok, key, msg):
+        if not ok:
+            raise ConfigError(f"train.{key}: {msg}")
+    check(t.micro_batch_size > 0, "micro_batch_size", "must be > 0")
+    check(t.global_batch_size > 0, "global_batch_size", "must be > 0")
+    check(t.max_steps > 0, "max_steps", "must be > 0")
+    check(t.lr > 0, "lr", "must be > 0")
+    check(0 <= t.warmup_ratio <= 1, "warmup_ratio", "must be in [0, 1]")
+    check(0 <= t.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+    check(len(t.betas) == 2, "betas", "expected 2 values")
+    check(t.log_every > 0, "log_every", "must be > 0")
+    check(t.eval_every >= 0, "eval_every", "must be >= 0")
+    check(t.save_every >= 0, "save_every", "must be >= 0")
+    check(t.keep_last >= 1, "keep_last", "must be >= 1")
+    check(t.eval_batch_size > 0, "eval_batch_size", "must be > 0")
+    for tower in ("vision", "text", "fusion"):
+        k = getattr(t.activation_checkpointing, tower)
+        check(k >= -1, f"activation_checkpointing.{tower}", "must be -1 (all), 0 (none) or a layer count")
+
+
+def load_config(path: str, overrides: list[str] = ()) -> Config:
+    """Read YAML `path`, apply dotted overrides, and validate into a Config. Errors: ConfigError 'path: key: msg'."""
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    tree = tree or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        for text in overrides:
+            apply_override(tree, *parse_override(text))
+        return config_from_dict(tree, name=os.path.splitext(os.path.basename(path))[0])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_from_dict(tree: dict, name: str = "run") -> Config:
+    # Imported here so that `train.config` can be loaded (e.g. for --help) without importing torch.
+    from models.vlp import ModelConfig
+    from models.objectives import OBJECTIVE_CONFIGS
+    from datasets.config import DataConfig
+
+    sections = {"model", "objectives", "data", "train"}
+    unknown = [k for k in tree if k not in sections]
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown top-level key (allowed: model, objectives, data, train)")
+    for s in ("model", "objectives", "data"):
+        if s not in tree:
+            raise ConfigError(f"{s}: missing required section")
+    objectives_raw = tree["objectives"]
+    if not isinstance(objectives_raw, dict) or not objectives_raw:
+        raise ConfigError(f"objectives: expected a non-empty mapping of objective name -> settings")
+    objectives = {}
+    for obj_name, raw in objectives_raw.items():
+        if obj_name not in OBJECTIVE_CONFIGS:
+            raise ConfigError(f"objectives.{obj_name}: unknown objective (known: {', '.join(OBJECTIVE_CONFIGS)})")
+        objectives[obj_name] = build_dataclass(OBJECTIVE_CONFIGS[obj_name], raw, f"objectives.{obj_name}")
+    train = build_dataclass(TrainConfig, tree.get("train"), "train")
+    _validate_train(train)
+    if train.output_dir is None:
+        train.output_dir = os.path.join("runs", name)
+    return Config(model=build_dataclass(ModelConfig, tree["model"], "model"), objectives=objectives,
+                  data=build_dataclass(DataConfig, tree["data"], "data"), train=train, name=name)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain dict of a Config (for saving next to a run and in checkpoints)."""
+    return {"model": dataclasses.asdict(cfg.model),
+            "objectives": {k: dataclasses.asdict(v) for k, v in cfg.objectives.items()},
+            "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train)}

@@ -1,0 +1,440 @@
+"""The one training engine: DeepSpeed init, step loop with accumulation, logging, eval hook, checkpoints, resume.
+
+Pretraining and the later fine-tune scripts share it. The model is any nn.Module whose forward(batch) returns
+{"loss": scalar, "losses": {name: scalar}, "stats": {name: scalar}}; the train loader is an infinite iterable with
+state_dict()/load_state_dict() so a resumed run continues with exactly the next batches.
+
+Run directory (`output_dir`):
+  metrics.jsonl          one JSON object per logged step
+  eval.json, eval.jsonl  latest evaluation result, and all of them
+  tensorboard/           TensorBoard events (rank 0)
+  config.yaml            the validated run config
+  checkpoints/latest     name of the newest complete checkpoint, written last and atomically
+  checkpoints/step_N/    DeepSpeed model/optimizer/scheduler states + train_state_rank{R}.pt (loader position, RNG)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from train.config import ConfigError, TrainConfig
+from train.distributed import DistInfo, TorchGather, all_reduce_mean, barrier
+from train.optim import build_optimizer, build_scheduler
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------- ds_config
+def load_ds_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: DeepSpeed config not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def prepare_ds_config(ds: dict, train: TrainConfig, world_size: int, path: str = "ds_config") -> dict:
+    """Fill the batch keys from our config and refuse a ds_config that disagrees with it.
+
+    global_batch_size = micro_batch_size * gradient_accumulation_steps * world_size must hold exactly.
+    """
+    ds = json.loads(json.dumps(ds))   # deep copy
+    micro, glob = train.micro_batch_size, train.global_batch_size
+    if glob % (micro * world_size):
+        raise ConfigError(f"train.global_batch_size {glob} is not a multiple of micro_batch_size {micro} x "
+                          f"world size {world_size} = {micro * world_size}")
+    gas = glob // (micro * world_size)
+    want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas, "train_batch_size": glob}
+    for key, value in want.items():
+        have = ds.get(key, "auto")
+        if have != "auto" and have != value:
+            raise ConfigError(f"{path}: {key} is {have!r} but the run config needs {value} (micro_batch_size {micro}"
+                              f" x accumulation {gas} x world size {world_size} = global_batch_size {glob})")
+        ds[key] = value
+    for block in ("optimizer", "scheduler"):
+        if block in ds:
+            raise ConfigError(f"{path}: remove the \"{block}\" block; the optimizer and LR schedule come from the "
+                              f"run config's train section")
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{path}: bf16 and fp16 are both enabled")
+    # We pass a torch AdamW (no JIT-compiled DS optimizer); ZeRO accepts it only with this flag.
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 10 ** 9)   # our own logging replaces DeepSpeed's
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, policy) -> dict[str, int]:
+    """Mark the last k layers of each tower for activation checkpointing (k=-1: all); returns counts per tower."""
+    stacks = model.layer_stacks() if hasattr(model, "layer_stacks") else {}
+    applied = {}
+    for tower in ("vision", "text", "fusion"):
+        k = getattr(policy, tower)
+        if k == 0:
+            continue
+        if tower not in stacks:
+            raise ConfigError(f"train.activation_checkpointing.{tower}: the model has no {tower} layers")
+        layers = list(stacks[tower])
+        chosen = layers if k == -1 else layers[max(0, len(layers) - k):]
+        for layer in layers:
+            layer.activation_checkpointing = False
+        for layer in chosen:
+            layer.activation_checkpointing = True
+        applied[tower] = len(chosen)
+    return applied
+
+
+def _check_no_scalar_params(model: torch.nn.Module) -> None:
+    # DeepSpeed 0.19.8 broadcasts every parameter as `p.data.view(torch.uint8)` at init, which fails for 0-dim
+    # tensors with an unhelpful message; name them instead (models keep such parameters at shape (1,)).
+    scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+    if scalars:
+        raise ValueError(f"0-dim parameters are not supported by DeepSpeed; make them shape (1,): {scalars}")
+
+
+# ----------------------------------------------------------------------------------------------- engine
+class Engine:
+    def __init__(self, model: torch.nn.Module, train_cfg: TrainConfig, ds_config: dict, dist: DistInfo,
+                 train_loader, output_dir: str, evaluate: Optional[Callable[["Engine"], dict]] = None,
+                 run_config: Optional[dict] = None):
+        import deepspeed
+
+        self.cfg = train_cfg
+        self.dist = dist
+        self.loader = train_loader
+        self.output_dir = output_dir
+        self.ckpt_dir = os.path.join(output_dir, CHECKPOINT_DIR)
+        self.evaluate_hook = evaluate
+        self.run_config = run_config or {}
+        self.gas = ds_config["gradient_accumulation_steps"]
+        self.step = 0
+        self.last_eval_step = -1
+        self.last_save_step = -1
+        self._stop_requested = False
+        self.ac_applied = apply_activation_checkpointing(model, train_cfg.activation_checkpointing)
+        if hasattr(model, "set_gather"):
+            model.set_gather(TorchGather())
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _check_no_scalar_params(model)
+        optimizer = build_optimizer(model, train_cfg)
+        self.lr_mult0 = optimizer.param_groups[0]["lr_mult"]
+        scheduler = build_scheduler(optimizer, train_cfg)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+        self.zero_stage = self.ds.zero_optimization_stage()
+        if self.ds.bfloat16_enabled():
+            self.dtype = torch.bfloat16
+        elif self.ds.fp16_enabled():
+            self.dtype = torch.float16
+        else:
+            self.dtype = torch.float32
+        self.device = self.ds.device
+        if dist.is_main:
+            os.makedirs(output_dir, exist_ok=True)
+        self.resumed_from = self._maybe_resume()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def request_stop(self) -> None:
+        """Ask the loop to save and exit after the current step (safe from a signal handler)."""
+        self._stop_requested = True
+
+    def to_device(self, batch: dict) -> dict:
+        """Move tensors to the engine's device; float tensors take the engine dtype (bf16/fp16 runs)."""
+        out = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v):
+                v = v.to(self.device, non_blocking=True)
+                if v.is_floating_point() and v.dtype != self.dtype:
+                    v = v.to(self.dtype)
+            out[k] = v
+        return out
+
+    def current_lr(self) -> float:
+        """LR of the base (multiplier 1) schedule."""
+        return self.optimizer.param_groups[0]["lr"] / self.lr_mult0
+
+    def train(self) -> dict:
+        cfg, main = self.cfg, self.dist.is_main
+        writer = self._tensorboard() if main else None
+        metrics_path = os.path.join(self.output_dir, "metrics.jsonl")
+        if main:
+            self._log_startup()
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not main, desc="train", unit="step",
+                   dynamic_ncols=True, mininterval=1.0)
+        it = iter(self.loader)
+        sums: dict[str, torch.Tensor] = {}
+        micro_count, data_time, step_time = 0, 0.0, 0.0
+        window_start, window_steps = time.perf_counter(), 0
+        stopped = False
+        self.ds.train()
+        while self.step < cfg.max_steps:
+            if self._stop_agreed():
+                stopped = True
+                break
+            t_step = time.perf_counter()
+            for _ in range(self.gas):
+                t0 = time.perf_counter()
+                batch = next(it)
+                data_time += time.perf_counter() - t0
+                out = self.ds(self.to_device(batch))
+                self.ds.backward(out["loss"])
+                self.ds.step()
+                for name, value in self._scalars(out).items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float()
+                micro_count += 1
+            self.step += 1
+            window_steps += 1
+            step_time += time.perf_counter() - t_step
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                names = sorted(sums)
+                values = all_reduce_mean(torch.stack([sums[n] for n in names]) / micro_count).tolist()
+                record = {"step": self.step, **dict(zip(names, values)), "lr": self.current_lr(),
+                          "samples_per_sec": cfg.global_batch_size * window_steps / elapsed,
+                          "samples_per_sec_per_rank": cfg.global_batch_size * window_steps / elapsed
+                          / self.dist.world_size,
+                          "data_time": data_time / window_steps, "step_time": step_time / window_steps,
+                          "samples_seen": self.step * cfg.global_batch_size}
+                grad_norm = self.ds.get_global_grad_norm()
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                if self.dtype == torch.float16:
+                    record["loss_scale"] = float(self.optimizer.cur_scale)
+                if main:
+                    self._write_metrics(metrics_path, writer, record)
+                    bar.set_postfix_str(self._postfix(record), refresh=False)
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; stopping")
+                sums, micro_count, data_time, step_time = {}, 0, 0.0, 0.0
+                window_start, window_steps = time.perf_counter(), 0
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.evaluate(writer)
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save()
+        bar.close()
+        if not stopped:
+            if self.last_eval_step != self.step:
+                self.evaluate(writer)
+        if self.last_save_step != self.step and self.step > 0:
+            self.save()
+        in_sync = self.check_ranks_in_sync() if self.dist.world_size > 1 else True
+        if main and self.dist.world_size > 1:
+            print(f"ranks in sync: {in_sync}", flush=True)
+        if writer is not None:
+            writer.close()
+        return {"step": self.step, "stopped": stopped, "ranks_in_sync": in_sync}
+
+    def evaluate(self, writer=None) -> Optional[dict]:
+        """Run the eval hook on all ranks (ZeRO-3 needs every rank), RNG-neutral so resumed runs match."""
+        if self.evaluate_hook is None:
+            return None
+        saved = rng_state()
+        self.ds.eval()
+        try:
+            with torch.no_grad():
+                result = self.evaluate_hook(self)
+        finally:
+            self.ds.train()
+            set_rng_state(saved)
+        self.last_eval_step = self.step
+        if result and self.dist.is_main:
+            result = {"step": self.step, **result}
+            atomic_write_json(os.path.join(self.output_dir, "eval.json"), result)
+            with open(os.path.join(self.output_dir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps(result) + "\n")
+            if writer is not None:
+                for k, v in result.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        writer.add_scalar(f"eval/{k}", v, self.step)
+                writer.flush()
+            shown = " ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float))
+            print(f"\neval @ step {self.step}: {shown}", flush=True)
+        return result
+
+    def save(self) -> str:
+        """Checkpoint on ALL ranks (ZeRO shards live on each); `latest` moves only once every file is written."""
+        tag = f"step_{self.step}"
+        tag_dir = os.path.join(self.ckpt_dir, tag)
+        os.makedirs(tag_dir, exist_ok=True)
+        state = {"step": self.step, "world_size": self.dist.world_size, "loader": self.loader.state_dict(),
+                 "rng": rng_state()}
+        atomic_torch_save(state, os.path.join(tag_dir, f"train_state_rank{self.dist.rank}.pt"))
+        self.ds.save_checkpoint(self.ckpt_dir, tag=tag, save_latest=False,
+                                client_state={"step": self.step, "last_eval_step": self.last_eval_step,
+                                              "config": self.run_config})
+        barrier()
+        if self.dist.is_main:
+            atomic_write_bytes(os.path.join(self.ckpt_dir, "latest"), tag.encode())
+            self._prune(keep=tag)
+        barrier()
+        self.last_save_step = self.step
+        return tag_dir
+
+    def check_ranks_in_sync(self) -> bool:
+        """All ranks hold bit-identical parameters (fingerprint per tensor, gathered under ZeRO-3)."""
+        import deepspeed
+        prints = []
+        for p in self.module.parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=self.zero_stage == 3):
+                t = p.detach().double().flatten()
+                prints.append(torch.stack([t.sum(), t.abs().sum(), (t * t).sum(), t[0], t[-1]]))
+        mine = torch.cat(prints)
+        peers = [torch.zeros_like(mine) for _ in range(self.dist.world_size)]
+        torch_dist.all_gather(peers, mine)
+        return all(torch.equal(peers[0], p) for p in peers)
+
+    # ------------------------------------------------------------------ internals
+    def _scalars(self, out: dict) -> dict:
+        vals = {"loss": out["loss"]}
+        for name, v in out.get("losses", {}).items():
+            vals[f"loss_{name}"] = v
+        for name, v in out.get("stats", {}).items():
+            vals[name if name not in vals else f"stat_{name}"] = v
+        return {k: (v if torch.is_tensor(v) else torch.tensor(float(v))).detach().reshape(()).to(self.device)
+                for k, v in vals.items()}
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        if self.dist.world_size > 1:
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _maybe_resume(self) -> Optional[str]:
+        latest = os.path.join(self.ckpt_dir, "latest")
+        if not os.path.exists(latest):
+            return None
+        with open(latest) as f:
+            tag = f.read().strip()
+        path, client = self.ds.load_checkpoint(self.ckpt_dir, tag=tag)
+        if path is None:
+            raise RuntimeError(f"{self.ckpt_dir}: `latest` names {tag!r} but DeepSpeed could not load it")
+        own = os.path.join(self.ckpt_dir, tag, f"train_state_rank{self.dist.rank}.pt")
+        if not os.path.exists(own):
+            raise RuntimeError(f"{own}: missing; was this checkpoint written with a different world size?")
+        state = torch.load(own, map_location="cpu", weights_only=False)
+        if state["world_size"] != self.dist.world_size:
+            raise RuntimeError(f"{own}: written by {state['world_size']} ranks, resuming on "
+                               f"{self.dist.world_size}; the loader position cannot be mapped")
+        self.step = client["step"]
+        self.last_eval_step = client.get("last_eval_step", -1)
+        self.last_save_step = self.step
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
+            print(f"resumed from {os.path.join(self.ckpt_dir, tag)} at step {self.step}", flush=True)
+        return tag
+
+    def _truncate_metrics(self, step: int) -> None:
+        # Lines logged after the checkpoint by the run that died would be repeated; drop them.
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            path = os.path.join(self.output_dir, name)
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                lines = [ln for ln in f if ln.strip()]
+            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+            if len(keep) != len(lines):
+                atomic_write_bytes(path, "".join(keep).encode())
+
+    def _prune(self, keep: str) -> None:
+        tags = []
+        for name in os.listdir(self.ckpt_dir):
+            m = re.fullmatch(r"step_(\d+)", name)
+            if m and os.path.isdir(os.path.join(self.ckpt_dir, name)):
+                tags.append((int(m.group(1)), name))
+        tags.sort()
+        for _, name in tags[:-self.cfg.keep_last]:
+            if name != keep:
+                shutil.rmtree(os.path.join(self.ckpt_dir, name), ignore_errors=True)
+
+    def _tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
+
+    def _write_metrics(self, path: str, writer, record: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step":
+                    writer.add_scalar(f"train/{k}", v, self.step)
+            writer.flush()
+
+    @staticmethod
+    def _postfix(r: dict) -> str:
+        parts = [f"loss {r['loss']:.3f}"]
+        parts += [f"{k[5:]} {v:.3f}" for k, v in r.items() if k.startswith("loss_")]
+        parts.append(f"{r['samples_per_sec']:.1f} samples/s")
+        return " ".join(parts)
+
+    def _log_startup(self) -> None:
+        prec = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.dtype]
+        c = self.cfg
+        ac = ", ".join(f"{k} {v}" for k, v in self.ac_applied.items()) or "off"
+        print(f"world {self.dist.world_size} x micro {c.micro_batch_size} x accumulation {self.gas} = global batch "
+              f"{c.global_batch_size} | {prec} | ZeRO {self.zero_stage} | {self.num_params / 1e6:.1f}M params "
+              f"({self.num_trainable / 1e6:.1f}M trainable) | activation checkpointing: {ac} | "
+              f"{c.max_steps} steps -> {self.output_dir}", flush=True)

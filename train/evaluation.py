@@ -1,0 +1,54 @@
+"""Zero-shot image<->text retrieval on the held-out loader, using the model's ITC embeddings.
+
+Every rank embeds the whole (small) eval set: under ZeRO-3 each forward needs all ranks anyway, and the result is
+then identical everywhere. A caption that occurs several times in the eval set counts as correct for every image
+it describes (and the chance level accounts for it), so duplicate captions do not make R@1 ill-defined.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def recall_at_k(sim: torch.Tensor, correct: torch.Tensor, k: int) -> float:
+    """sim (Q, N) scores, correct (Q, N) bool: share of queries with a correct item among the top k."""
+    top = sim.topk(min(k, sim.shape[1]), dim=1).indices
+    return correct.gather(1, top).any(dim=1).float().mean().item()
+
+
+def chance_at_k(correct: torch.Tensor, k: int) -> float:
+    """Expected recall@k of a random ranking: 1 - C(N - c, k) / C(N, k) averaged over queries (c correct items)."""
+    n = correct.shape[1]
+    k = min(k, n)
+    vals = [1.0 - math.comb(n - c, k) / math.comb(n, k) for c in correct.sum(1).tolist()]
+    return sum(vals) / len(vals)
+
+
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, caption_ids: list) -> dict:
+    sim = img.float() @ txt.float().t()
+    ids = torch.tensor([{c: i for i, c in enumerate(dict.fromkeys(caption_ids))}[c] for c in caption_ids])
+    correct = ids[:, None] == ids[None, :]
+    return {"i2t_r1": recall_at_k(sim, correct, 1), "t2i_r1": recall_at_k(sim.t(), correct, 1),
+            "i2t_r5": recall_at_k(sim, correct, 5), "t2i_r5": recall_at_k(sim.t(), correct, 5),
+            "chance": chance_at_k(correct, 1), "chance_r5": chance_at_k(correct, 5),
+            "num_samples": int(sim.shape[0])}
+
+
+@torch.no_grad()
+def zero_shot_retrieval(engine, loader) -> dict:
+    """Embed every eval sample with model.encode_image / encode_text and score retrieval both ways."""
+    model = engine.module
+    imgs, txts, caption_ids = [], [], []
+    for batch in loader:
+        b = engine.to_device(batch)
+        imgs.append(model.encode_image(b["pixel_values"]).float().cpu())
+        txts.append(model.encode_text(b["input_ids"], b["attention_mask"]).float().cpu())
+        if "caption" in batch:   # raw strings: truncation cannot merge two different captions
+            caption_ids.extend(batch["caption"])
+        else:
+            for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+                caption_ids.append(tuple(i for i, m in zip(ids, mask) if m))
+    if not imgs:
+        return {}
+    return retrieval_metrics(torch.cat(imgs), torch.cat(txts), caption_ids)

@@ -1,0 +1,67 @@
+"""AdamW with parameter groups, and the warmup + decay LR schedule.
+
+A torch optimizer (not DeepSpeed's "optimizer" JSON block) avoids the JIT build of fused_adam/cpu_adam; the
+ds_config must then allow it under ZeRO (`zero_allow_untested_optimizer`, set by the engine). The LambdaLR is
+handed to deepspeed.initialize, which steps it at accumulation boundaries and saves it in checkpoints.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from train.config import ConfigError, TrainConfig
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Group trainable params by (weight decay on/off, lr multiplier); the longest matching name prefix wins."""
+    no_wd = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    prefixes = sorted(cfg.lr_multipliers, key=len, reverse=True)
+    used = set()
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = 1.0
+        for pre in prefixes:
+            if name.startswith(pre):
+                mult = cfg.lr_multipliers[pre]
+                used.add(pre)
+                break
+        decay = p.ndim >= 2 and name not in no_wd
+        key = (decay, mult)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+                           "lr": cfg.lr * mult, "lr_mult": mult}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    unused = [p for p in cfg.lr_multipliers if p not in used]
+    if unused:
+        raise ConfigError(f"train.lr_multipliers.{unused[0]}: prefix matches no trainable parameter")
+    # Group order is fixed (sorted key) so optimizer state lines up across runs and ranks.
+    out = [groups[k] for k in sorted(groups, key=lambda k: (not k[0], k[1]))]
+    for g in out:
+        del g["names"]   # torch optimizers keep unknown keys; names would bloat every checkpoint
+    return out
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """LR multiplier for optimizer step `step` (0-based): linear warmup, then linear/cosine decay to min_lr_ratio."""
+    warmup = int(round(cfg.warmup_ratio * cfg.max_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_steps = max(1, cfg.max_steps - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    if cfg.schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))

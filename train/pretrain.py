@@ -1,0 +1,118 @@
+"""Vision-language pretraining entry point.
+
+  deepspeed [--num_gpus N] train/pretrain.py --deepspeed_config ds_configs/X.json --config train/configs/Y.yaml \
+      [--output_dir D] [--max_steps N] [dotted.key=value ...]
+  python train/pretrain.py ...        (single process, same arguments)
+
+An output dir that holds checkpoints (D/checkpoints/latest) is resumed automatically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+# `python train/pretrain.py` puts train/ on sys.path, not the repo root that holds the models/datasets packages.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from train.config import ConfigError, config_to_dict, load_config  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, not usage + error
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def parse_args(argv):
+    p = _Parser(prog="train/pretrain.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
+    p.add_argument("--config", required=True, help="run config YAML (train/configs/*.yaml)")
+    p.add_argument("--output_dir", help="run directory (default: train.output_dir, else runs/<config name>)")
+    p.add_argument("--max_steps", type=int, help="same as train.max_steps=N")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # appended by the launcher
+    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)        # DeepSpeed convention; no-op
+    p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides, values in YAML")
+    return p.parse_args(argv)
+
+
+def prepare(argv):
+    """Everything that can fail on bad input, before any heavy work: returns (cfg, ds_config)."""
+    from train.distributed import env_world_size
+    from train.engine import load_ds_config, prepare_ds_config
+
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.output_dir is not None:
+        overrides.append(f"train.output_dir={json.dumps(args.output_dir)}")   # JSON string = YAML string
+    ds_raw = load_ds_config(args.deepspeed_config)
+    cfg = load_config(args.config, overrides)
+    ds_config = prepare_ds_config(ds_raw, cfg.train, env_world_size(), path=args.deepspeed_config)
+    return cfg, ds_config
+
+
+def run(cfg, ds_config, engine_hook=None) -> dict:
+    """Build tokenizer, model and loaders, then train. `engine_hook(engine)` runs just before training (tests,
+    later task scripts)."""
+    import signal
+
+    import yaml
+    from deepspeed.utils import logger as ds_logger
+
+    from datasets.loader import build_eval_loader, build_train_loader
+    from models.text import load_tokenizer
+    from models.vlp import build_model
+    from train.distributed import init_distributed
+    from train.engine import Engine, atomic_write_bytes, seed_all
+    from train.evaluation import zero_shot_retrieval
+
+    ds_logger.setLevel(logging.WARNING)   # our progress bar and metrics replace DeepSpeed's per-step chatter
+    dist = init_distributed()
+    t = cfg.train
+    seed_all(t.seed)   # same seed everywhere: every rank builds identical initial weights
+    tokenizer = load_tokenizer(cfg.model.text)
+    model = build_model(cfg.model, cfg.objectives, tokenizer)
+    seed_all(t.seed + dist.rank)   # different dropout / masking draws per rank from here on
+    train_loader = build_train_loader(cfg.data, tokenizer, micro_batch_size=t.micro_batch_size, rank=dist.rank,
+                                      world_size=dist.world_size, seed=t.seed)
+    evaluate = None
+    if cfg.data.eval:
+        eval_loader = build_eval_loader(cfg.data, tokenizer, batch_size=t.eval_batch_size)
+        evaluate = lambda engine: zero_shot_retrieval(engine, eval_loader)  # noqa: E731
+    run_config = config_to_dict(cfg)
+    engine = Engine(model, t, ds_config, dist, train_loader, t.output_dir, evaluate=evaluate, run_config=run_config)
+    if dist.is_main:
+        atomic_write_bytes(os.path.join(t.output_dir, "config.yaml"),
+                           yaml.safe_dump(run_config, sort_keys=False).encode())
+    if engine_hook is not None:
+        engine_hook(engine)
+    # SIGUSR1 (e.g. SLURM's --signal=USR1@120 before a time limit): save a checkpoint and exit cleanly.
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: engine.request_stop())
+    try:
+        return engine.train()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, ds_config = prepare(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":   # every rank fails the same way; say it once
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        run(cfg, ds_config)
+    except ConfigError as e:   # found while building (e.g. an lr_multipliers prefix that matches nothing)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
