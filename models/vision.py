@@ -7,6 +7,9 @@ tokens attend only within their own frame (its CLS and patches), using the ViT's
 video needs no new attention parameters (SCL/GLSCL "flexible vision encoder", methods.md §1.2).
 
 Output tokens are ordered [CLS_1..CLS_F, patches_1, ..., patches_F]; the global feature is the mean of the F CLS tokens.
+For GLSCL, `forward` can also drop patches MAE-style (`keep`, after the position embeddings; MGSC) or replace patch
+embeddings by a mask token (`token_mask`/`mask_token`, before the position embeddings; MLTC); videos use the same
+positions in every frame (tube masking).
 
 The timm model's submodules are adopted directly (patch_embed, cls_token, pos_embed, norm_pre, blocks, norm), so state
 dict keys match timm's and every parameter belongs to a module whose forward runs (required by ZeRO-3, which gathers
@@ -102,15 +105,29 @@ class VisionEncoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed", "temporal_embed"}
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, F, 3, H, W) -> (B, F, 1 + P, D) tokens with spatial (+ temporal) position embeddings added."""
+    def embed(self, pixel_values: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
+              mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, F, 3, H, W) -> (B, F, 1 + P, D) tokens with spatial (+ temporal) position embeddings added.
+
+        token_mask (B, P) bool with mask_token (1, 1, D): those patch embeddings are replaced by the mask token before
+        the position embedding is added (SimMIM/BEiT-style, GLSCL's MLTC); for videos the same positions are masked
+        in every frame (tube masking).
+        """
         if pixel_values.dim() != 5:
             raise ValueError(f"pixel_values must be (B, F, 3, H, W), got shape {tuple(pixel_values.shape)}")
         b, f = pixel_values.shape[:2]
         if f > self.cfg.max_frames:
             raise ValueError(f"{f} frames given but model.vision.max_frames={self.cfg.max_frames}")
+        if (token_mask is None) != (mask_token is None):
+            raise ValueError("token_mask and mask_token must be given together")
         x = pixel_values.flatten(0, 1).to(self.patch_embed.proj.weight.dtype)
-        x = self.patch_embed(x) + self.pos_embed[:, 1:]
+        x = self.patch_embed(x)
+        if token_mask is not None:
+            if token_mask.shape != (b, self.num_patches):
+                raise ValueError(f"token_mask must be (B, P)=({b}, {self.num_patches}), got {tuple(token_mask.shape)}")
+            m = token_mask.bool().repeat_interleave(f, dim=0).unsqueeze(-1)  # (B*F, P, 1), frame-minor like x
+            x = torch.where(m, mask_token.to(x.dtype).reshape(1, 1, -1), x)
+        x = x + self.pos_embed[:, 1:]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1).unflatten(0, (b, f))
         if f > 1:
@@ -118,8 +135,19 @@ class VisionEncoder(nn.Module):
             x = x + self.temporal_embed[:, :f].unsqueeze(2)
         return x
 
-    def forward(self, pixel_values: torch.Tensor) -> VisionOutput:
-        x = self.norm_pre(self.embed(pixel_values))
+    def forward(self, pixel_values: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None) -> VisionOutput:
+        """keep (B, K) long patch indices: MAE-style dropping after the position (and temporal) embeddings are added;
+        only every frame's CLS and the kept patches (the same indices in every frame: tube) go through the blocks,
+        and the output is [CLS_1..CLS_F, kept_1..kept_F]. token_mask/mask_token: see `embed`."""
+        x = self.embed(pixel_values, token_mask, mask_token)
+        if keep is not None:
+            b, f, _, d = x.shape
+            if keep.dim() != 2 or keep.shape[0] != b:
+                raise ValueError(f"keep must be (B, K) patch indices, got shape {tuple(keep.shape)}")
+            idx = keep.long()[:, None, :, None].expand(b, f, keep.shape[1], d)
+            x = torch.cat([x[:, :, :1], torch.gather(x[:, :, 1:], 2, idx)], dim=2)
+        x = self.norm_pre(x)
         b, f, t, d = x.shape
         if f == 1:
             x = x.squeeze(1)

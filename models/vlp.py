@@ -2,7 +2,9 @@
 
 Every shared encoder pass is computed once per step and handed to all objectives through a `StepContext`: the
 unmasked image and text encodings (and their fusion-input projections) are computed lazily on first use and cached,
-so ITC, ITM and MLM never re-encode what another objective already encoded.
+so ITC, ITM and MLM never re-encode what another objective already encoded. The two masked fusion passes of GLSCL
+(A: 80%-dropped image + full text, B: full image + 40%-masked text) are likewise computed once and shared by MGSC and
+MLTC (`glscl_passes`), reusing the cached unmasked encodings.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from models.fusion import FusionConfig, FusionEncoder, FusionOutput
-from models.objectives import ITC, ITM, MLM, OBJECTIVE_CONFIGS, OBJECTIVE_ORDER
+from models.masking import mask_text_for_completion, random_keep_indices
+from models.objectives import ITC, ITM, MGSC, MLM, MLTC, OBJECTIVE_CONFIGS, OBJECTIVE_ORDER, MgscConfig
 from models.objectives.base import LocalGather
 from models.text import TextConfig, TextEncoder
 from models.vision import VisionConfig, VisionEncoder, VisionOutput
@@ -67,6 +70,32 @@ class StepContext:
     def fuse(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, **kw) -> FusionOutput:
         return self.model.fusion(text, text_mask, image, self.num_frames, **kw)
 
+    def glscl_passes(self, image_mask_ratio: float, text_mask_ratio: float, mask_token_id: int,
+                     special_ids: torch.Tensor) -> tuple[FusionOutput, FusionOutput]:
+        """-> (pass A, pass B), computed once per step and shared by MGSC and MLTC.
+
+        A = fusion(image with image_mask_ratio of its patches dropped MAE-style, full text);
+        B = fusion(full image, text with text_mask_ratio of its tokens replaced by the mask token).
+        The drawn masks are left in the cache: "glscl_keep" (B, K) kept patch indices, "glscl_text_mask" (B, L) bool,
+        "glscl_masked_ids" (B, L).
+        """
+        key = (float(image_mask_ratio), float(text_mask_ratio))
+        if "glscl_pass_a" in self.cache:
+            if self.cache["glscl_ratios"] != key:
+                raise ValueError(f"MGSC/MLTC disagree on the shared mask ratios: {self.cache['glscl_ratios']} vs {key}")
+            return self.cache["glscl_pass_a"], self.cache["glscl_pass_b"]
+        vision = self.model.vision
+        keep = random_keep_indices(self.pixel_values.shape[0], vision.num_patches, 1.0 - image_mask_ratio,
+                                   self.pixel_values.device)
+        image_a = self.model.fusion.project_image(vision(self.pixel_values, keep=keep).tokens)
+        pass_a = self.fuse(self.text_proj, self.attention_mask, image_a)
+        masked_ids, text_mask = mask_text_for_completion(self.input_ids, self.attention_mask, special_ids,
+                                                         mask_token_id, text_mask_ratio)
+        pass_b = self.fuse(self.encode_text(masked_ids, self.attention_mask), self.attention_mask, self.image_proj)
+        self.cache.update(glscl_ratios=key, glscl_keep=keep, glscl_text_mask=text_mask, glscl_masked_ids=masked_ids,
+                          glscl_pass_a=pass_a, glscl_pass_b=pass_b)
+        return pass_a, pass_b
+
 
 class VLPModel(nn.Module):
     def __init__(self, cfg: ModelConfig, objective_cfgs: dict, tokenizer):
@@ -87,6 +116,10 @@ class VLPModel(nn.Module):
             "itc": lambda c: ITC(c, d),
             "itm": lambda c: ITM(c, d),
             "mlm": lambda c: MLM(c, d, self.text.vocab_size, tokenizer.mask_token_id, tokenizer.all_special_ids),
+            "mgsc": lambda c: MGSC(c, tokenizer.mask_token_id, tokenizer.all_special_ids),
+            # MLTC reuses MGSC's passes A and B, so it masks with MGSC's ratios (the defaults when MGSC is off).
+            "mltc": lambda c: MLTC(c, self.vision.embed_dim, tokenizer.mask_token_id, tokenizer.all_special_ids,
+                                   objective_cfgs.get("mgsc") or MgscConfig()),
         }
         self.objectives = nn.ModuleDict({n: builders[n](objective_cfgs[n]) for n in OBJECTIVE_ORDER
                                          if n in objective_cfgs})

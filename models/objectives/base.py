@@ -1,15 +1,16 @@
 """What every objective shares: its output type and the gather it uses across data-parallel ranks."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 
-@dataclass
-class ObjectiveOutput:
+class ObjectiveOutput(NamedTuple):
+    """A NamedTuple so ZeRO-3's module hooks see the tensors (they walk tuples, lists and dicts, not dataclasses)."""
+
     losses: dict[str, torch.Tensor]  # unweighted, named; names are unique across objectives
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars worth logging
+    stats: dict[str, torch.Tensor] = {}  # detached scalars worth logging (never mutated)
 
 
 class LocalGather:

@@ -7,7 +7,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from models.fusion import FusionConfig  # noqa: E402
-from models.objectives import ItcConfig, ItmConfig, MlmConfig  # noqa: E402
+from models.objectives import ItcConfig, ItmConfig, MgscConfig, MlmConfig, MltcConfig  # noqa: E402
 from models.text import TextConfig, load_tokenizer  # noqa: E402
 from models.vision import VisionConfig  # noqa: E402
 from models.vlp import ModelConfig, build_model  # noqa: E402
@@ -23,6 +23,11 @@ def tiny_config(pretrained_text: bool = False) -> ModelConfig:
 
 def all_objectives():
     return {"itc": ItcConfig(embed_dim=32), "itm": ItmConfig(), "mlm": MlmConfig()}
+
+
+def glscl_objectives():
+    """All five pretraining objectives of GLSCL (ITC, ITM, MLM, MGSC, MLTC)."""
+    return {**all_objectives(), "mgsc": MgscConfig(), "mltc": MltcConfig()}
 
 
 @pytest.fixture(scope="session")

@@ -152,3 +152,12 @@ def test_param_groups_decay_and_multipliers():
     assert got == sorted([(0.1, 1.0, 16), (0.1, 0.25, 16), (0.0, 1.0, 4 + 9), (0.0, 0.5, 4)])
     with pytest.raises(ConfigError, match="lr_multipliers.nothing.: prefix matches no trainable parameter"):
         build_optimizer(_Toy(), TrainConfig(lr_multipliers={"nothing.": 2.0}))
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO_ROOT, "train", "configs"))))
+def test_shipped_run_configs_validate(name):
+    cfg = load_config(os.path.join(REPO_ROOT, "train", "configs", name))
+    # every preset's batch rule holds on 8 ranks (paper presets) or on 1 (demo/tests)
+    world = 8 if cfg.train.global_batch_size >= 8 * cfg.train.micro_batch_size else 1
+    assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * world) == 0
+    assert cfg.objectives, name

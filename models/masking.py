@@ -1,0 +1,60 @@
+"""Random masks for the GLSCL objectives (MGSC, MLTC): image patch dropping, image token masking, text masking.
+
+All helpers draw independently per sample and take an optional torch.Generator (tests pass one for reproducibility).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _ranks(noise: torch.Tensor) -> torch.Tensor:
+    """Per-row rank of every entry of `noise` (0 = smallest): a uniform random permutation when noise is uniform."""
+    return noise.argsort(dim=1).argsort(dim=1)
+
+
+def num_kept(num_patches: int, keep_ratio: float) -> int:
+    # int() as MAE/SCL's random_masking (int(324 * 0.2) = 64); the epsilon guards 1 - 0.8 = 0.19999999999999996.
+    return max(1, min(num_patches, int(num_patches * keep_ratio + 1e-6)))
+
+
+def random_keep_indices(batch: int, num_patches: int, keep_ratio: float, device=None,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, K) long: per sample, K = int(P * keep_ratio) (at least 1) distinct patch indices, sorted ascending.
+
+    MAE-style dropping for MGSC (keep_ratio = 1 - image_mask_ratio). For videos the caller uses the same indices in
+    every frame (tube masking, as SCL's random_masking repeats ids_keep over frames).
+    """
+    k = num_kept(num_patches, keep_ratio)
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    return noise.argsort(dim=1)[:, :k].sort(dim=1).values
+
+
+def random_token_mask(batch: int, num_patches: int, ratio: float, device=None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, P) bool: exactly n = round(ratio * P) (at least 1) True per sample, positions uniformly at random."""
+    n = max(1, min(num_patches, round(ratio * num_patches)))
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    return _ranks(noise) < n
+
+
+def mask_text_for_completion(ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: torch.Tensor,
+                             mask_token_id: int, ratio: float, generator: Optional[torch.Generator] = None):
+    """-> (masked ids, (B, L) bool mask). Text masking for MGSC/MLTC.
+
+    Per sample, exactly max(1, round(ratio * n)) of its n real, non-special tokens are drawn WITHOUT replacement and
+    all are replaced by the mask token (no 80/10/10). A sample with no such token (n = 0) is left unmasked.
+    Deviation from the released SCL code: it draws int((len - 2) * 0.4) + 1 positions WITH replacement
+    (np.random.randint), so duplicates make the effective rate lower than 40%; we follow the paper's "40% of tokens".
+    """
+    special_ids = torch.as_tensor(special_ids, device=ids.device)
+    candidates = attention_mask.bool() & ~torch.isin(ids, special_ids)
+    count = candidates.sum(dim=1)
+    n = torch.where(count > 0, (ratio * count.double()).round().long().clamp(min=1), torch.zeros_like(count))
+    n = torch.minimum(n, count)
+    noise = torch.rand(ids.shape, device=ids.device, generator=generator)
+    noise = noise.masked_fill(~candidates, 2.0)  # non-candidates rank last
+    mask = (_ranks(noise) < n[:, None]) & candidates
+    masked = ids.masked_fill(mask, mask_token_id)
+    return masked, mask

@@ -1,0 +1,139 @@
+"""GLSCL's self-supervised cross-modal objectives: MGSC (global, = SCL) and MLTC (local tokens). methods.md §1.3.
+
+Both use two fusion passes shared through the StepContext (`ctx.glscl_passes`), computed once per step:
+  pass A = F(image with 80% of patches dropped MAE-style, full text)
+  pass B = F(full image, text with 40% of tokens replaced by the mask token)
+MLTC adds pass C = F(image with 30% of patch embeddings replaced by a learnable mask token, full text).
+Features are raw fusion outputs (before the poolers); `sg` = detach.
+
+MGSC: L = nce(ag(h^v_0(A)), ag(sg h^v_0(B))) + nce(ag(h^t_0(B)), ag(sg h^t_0(A)))
+      (video: the image term is computed per frame CLS and averaged over frames).
+MLTC: L = image_weight * nce(h^v(C)[m_v], sg h^v(B)[m_v])                 (local batch, patch tokens)
+        + text_weight  * nce(ag(h^t(B))[ag(m_t)], ag(sg h^t(A))[ag(m_t)])  (global batch)
+      negatives are all other masked tokens in the (local/global) batch, the same sample's included.
+nce = SCL's NormSoftmaxLoss at the fixed temperature 0.03: the SUM of both directions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.masking import random_token_mask
+from models.objectives.base import ObjectiveOutput
+
+
+def nce(p: torch.Tensor, g: torch.Tensor, tau: float) -> torch.Tensor:
+    """SCL's NormSoftmaxLoss in fp32: rows L2-normalised, S = p g^T / tau, CE(S, i) + CE(S^T, i) (summed)."""
+    p, g = F.normalize(p.float(), dim=-1), F.normalize(g.float(), dim=-1)
+    s = p @ g.T / tau
+    labels = torch.arange(s.shape[0], device=s.device)
+    return F.cross_entropy(s, labels) + F.cross_entropy(s.T, labels)
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {value}")
+
+
+@dataclass
+class MgscConfig:
+    weight: float = 1.0
+    temperature: float = 0.03  # fixed; SCL HEAD reads an undefined msm_temp, 928b1cd had scl_temp = 0.03 (§1.9)
+    image_mask_ratio: float = 0.8  # fraction of patches dropped in pass A
+    text_mask_ratio: float = 0.4  # fraction of real, non-special tokens masked in pass B
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"objectives.mgsc.temperature must be > 0, got {self.temperature}")
+        _check_ratio("objectives.mgsc.image_mask_ratio", self.image_mask_ratio)
+        _check_ratio("objectives.mgsc.text_mask_ratio", self.text_mask_ratio)
+
+
+@dataclass
+class MltcConfig:
+    weight: float = 1.0
+    temperature: float = 0.03
+    image_token_mask_ratio: float = 0.3  # fraction of patch embeddings replaced by the mask token in pass C
+    image_weight: float = 0.2
+    text_weight: float = 0.2
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"objectives.mltc.temperature must be > 0, got {self.temperature}")
+        _check_ratio("objectives.mltc.image_token_mask_ratio", self.image_token_mask_ratio)
+        if self.image_weight < 0 or self.text_weight < 0:
+            raise ValueError("objectives.mltc.image_weight/text_weight must be >= 0")
+
+
+class _SharedPasses(nn.Module):
+    """Holds what the shared passes A/B need: the text mask token id, the special ids and the mask ratios."""
+
+    def __init__(self, mask_token_id: int, special_ids, mgsc_cfg: MgscConfig):
+        super().__init__()
+        self.mask_token_id = mask_token_id
+        self.image_mask_ratio = mgsc_cfg.image_mask_ratio
+        self.text_mask_ratio = mgsc_cfg.text_mask_ratio
+        self.register_buffer("special_ids", torch.tensor(sorted(set(special_ids)), dtype=torch.long),
+                             persistent=False)
+
+    def passes(self, ctx):
+        return ctx.glscl_passes(self.image_mask_ratio, self.text_mask_ratio, self.mask_token_id, self.special_ids)
+
+
+class MGSC(_SharedPasses):
+    def __init__(self, cfg: MgscConfig, mask_token_id: int, special_ids):
+        cfg.validate()
+        super().__init__(mask_token_id, special_ids, cfg)
+        self.cfg = cfg
+
+    def forward(self, ctx) -> ObjectiveOutput:
+        a, b = self.passes(ctx)
+        f, tau = ctx.num_frames, self.cfg.temperature
+        # Image: prediction = frame-CLS of A (image masked), target = sg(frame-CLS of B); per frame, mean over frames.
+        image = sum(nce(ctx.gather(a.image[:, i]), ctx.gather(b.image[:, i].detach()), tau) for i in range(f)) / f
+        # Text: prediction = text CLS of B (text masked), target = sg(text CLS of A).
+        text = nce(ctx.gather(b.text[:, 0]), ctx.gather(a.text[:, 0].detach()), tau)
+        return ObjectiveOutput({"mgsc": image + text},
+                               {"mgsc_image": image.detach(), "mgsc_text": text.detach()})
+
+
+class MLTC(_SharedPasses):
+    def __init__(self, cfg: MltcConfig, vision_dim: int, mask_token_id: int, special_ids, mgsc_cfg: MgscConfig):
+        cfg.validate()
+        super().__init__(mask_token_id, special_ids, mgsc_cfg)
+        self.cfg = cfg
+        # SCL's code initialises visual_mask_token with randn (N(0, 1)); we use trunc-normal std 0.02 like the ViT's
+        # own cls/pos embeddings (BEiT/SimMIM), so the masked embedding is on the patch embeddings' scale.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, vision_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
+
+    def forward(self, ctx) -> ObjectiveOutput:
+        a, b = self.passes(ctx)
+        c = self.cfg
+        f, bsz = ctx.num_frames, ctx.pixel_values.shape[0]
+        vision = ctx.model.vision
+        token_mask = random_token_mask(bsz, vision.num_patches, c.image_token_mask_ratio, ctx.pixel_values.device)
+        ctx.cache["mltc_token_mask"] = token_mask
+        image_c = ctx.model.fusion.project_image(
+            vision(ctx.pixel_values, token_mask=token_mask, mask_token=self.mask_token).tokens)
+        pass_c = ctx.fuse(ctx.text_proj, ctx.attention_mask, image_c)
+        # Image tokens (local batch): patch tokens of C at the masked positions vs sg(B's) at the same positions;
+        # tube: a masked position is masked in every frame.
+        patches = lambda t: t[:, f:].unflatten(1, (f, vision.num_patches))  # (B, F, P, D)
+        m_v = token_mask[:, None, :].expand(bsz, f, vision.num_patches)
+        image = nce(patches(pass_c.image)[m_v], patches(b.image).detach()[m_v], c.temperature)
+        # Text tokens (global batch): B's text tokens at the masked positions vs sg(A's) at the same positions.
+        m_t = ctx.gather(ctx.cache["glscl_text_mask"].to(torch.uint8)).bool()
+        pred, target = ctx.gather(b.text)[m_t], ctx.gather(a.text.detach())[m_t]
+        if m_t.any():
+            text = nce(pred, target, c.temperature)
+        else:  # every caption empty: no masked token anywhere (SCL skips the NaN term)
+            text = b.text.float().sum() * 0.0
+        return ObjectiveOutput({"mltc_image": c.image_weight * image, "mltc_text": c.text_weight * text},
+                               {"mltc_image_nce": image.detach(), "mltc_text_nce": text.detach()})
