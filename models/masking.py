@@ -40,21 +40,43 @@ def random_token_mask(batch: int, num_patches: int, ratio: float, device=None,
 
 
 def mask_text_for_completion(ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: torch.Tensor,
-                             mask_token_id: int, ratio: float, generator: Optional[torch.Generator] = None):
+                             mask_token_id: int, ratio: float, generator: Optional[torch.Generator] = None,
+                             with_replacement: bool = False):
     """-> (masked ids, (B, L) bool mask). Text masking for MGSC/MLTC.
 
     Per sample, exactly max(1, round(ratio * n)) of its n real, non-special tokens are drawn WITHOUT replacement and
     all are replaced by the mask token (no 80/10/10). A sample with no such token (n = 0) is left unmasked.
     Deviation from the released SCL code: it draws int((len - 2) * 0.4) + 1 positions WITH replacement
     (np.random.randint), so duplicates make the effective rate lower than 40%; we follow the paper's "40% of tokens".
+    `with_replacement=True` reproduces the released code's rule instead (int(ratio * n) + 1 draws, duplicates merge).
     """
     special_ids = torch.as_tensor(special_ids, device=ids.device)
     candidates = attention_mask.bool() & ~torch.isin(ids, special_ids)
     count = candidates.sum(dim=1)
     n = torch.where(count > 0, (ratio * count.double()).round().long().clamp(min=1), torch.zeros_like(count))
     n = torch.minimum(n, count)
+    if with_replacement:
+        mask = _draw_with_replacement(candidates, count, ratio, generator)
+        return ids.masked_fill(mask, mask_token_id), mask
     noise = torch.rand(ids.shape, device=ids.device, generator=generator)
     noise = noise.masked_fill(~candidates, 2.0)  # non-candidates rank last
     mask = (_ranks(noise) < n[:, None]) & candidates
     masked = ids.masked_fill(mask, mask_token_id)
     return masked, mask
+
+
+def _draw_with_replacement(candidates: torch.Tensor, count: torch.Tensor, ratio: float,
+                           generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The released SCL rule: int(ratio * n) + 1 uniform draws among a sample's n candidates, with replacement."""
+    b, length = candidates.shape
+    k = torch.where(count > 0, (ratio * count.double()).long() + 1, torch.zeros_like(count))
+    kmax = int(k.max()) if b else 0
+    mask = torch.zeros_like(candidates)
+    if kmax == 0:
+        return mask
+    draws = (torch.rand(b, kmax, device=candidates.device, generator=generator) * count[:, None]).long()
+    valid = torch.arange(kmax, device=candidates.device)[None] < k[:, None]
+    hit = torch.zeros(b, length + 1, dtype=torch.bool, device=candidates.device)
+    hit.scatter_(1, torch.where(valid, draws, length), True)  # invalid draws land in the spare column
+    rank = (candidates.long().cumsum(1) - 1).clamp(min=0)  # index of each candidate among its sample's candidates
+    return candidates & hit.gather(1, rank)

@@ -71,7 +71,8 @@ class StepContext:
         return self.model.fusion(text, text_mask, image, self.num_frames, **kw)
 
     def glscl_passes(self, image_mask_ratio: float, text_mask_ratio: float, mask_token_id: int,
-                     special_ids: torch.Tensor) -> tuple[FusionOutput, FusionOutput]:
+                     special_ids: torch.Tensor, text_with_replacement: bool = False
+                     ) -> tuple[FusionOutput, FusionOutput]:
         """-> (pass A, pass B), computed once per step and shared by MGSC and MLTC.
 
         A = fusion(image with image_mask_ratio of its patches dropped MAE-style, full text);
@@ -79,7 +80,7 @@ class StepContext:
         The drawn masks are left in the cache: "glscl_keep" (B, K) kept patch indices, "glscl_text_mask" (B, L) bool,
         "glscl_masked_ids" (B, L).
         """
-        key = (float(image_mask_ratio), float(text_mask_ratio))
+        key = (float(image_mask_ratio), float(text_mask_ratio), bool(text_with_replacement))
         if "glscl_pass_a" in self.cache:
             if self.cache["glscl_ratios"] != key:
                 raise ValueError(f"MGSC/MLTC disagree on the shared mask ratios: {self.cache['glscl_ratios']} vs {key}")
@@ -90,7 +91,8 @@ class StepContext:
         image_a = self.model.fusion.project_image(vision(self.pixel_values, keep=keep).tokens)
         pass_a = self.fuse(self.text_proj, self.attention_mask, image_a)
         masked_ids, text_mask = mask_text_for_completion(self.input_ids, self.attention_mask, special_ids,
-                                                         mask_token_id, text_mask_ratio)
+                                                         mask_token_id, text_mask_ratio,
+                                                         with_replacement=text_with_replacement)
         pass_b = self.fuse(self.encode_text(masked_ids, self.attention_mask), self.attention_mask, self.image_proj)
         self.cache.update(glscl_ratios=key, glscl_keep=keep, glscl_text_mask=text_mask, glscl_masked_ids=masked_ids,
                           glscl_pass_a=pass_a, glscl_pass_b=pass_b)

@@ -16,6 +16,7 @@ nce = SCL's NormSoftmaxLoss at the fixed temperature 0.03: the SUM of both direc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,9 @@ class MgscConfig:
     temperature: float = 0.03  # fixed; SCL HEAD reads an undefined msm_temp, 928b1cd had scl_temp = 0.03 (§1.9)
     image_mask_ratio: float = 0.8  # fraction of patches dropped in pass A
     text_mask_ratio: float = 0.4  # fraction of real, non-special tokens masked in pass B
+    # "exact": exactly 40% of the tokens, drawn without replacement (the paper); "with_replacement": the released
+    # code's int(0.4 n) + 1 draws with replacement (fewer distinct tokens). Presets use the paper's rule.
+    text_mask_sampling: Literal["exact", "with_replacement"] = "exact"
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -76,11 +80,13 @@ class _SharedPasses(nn.Module):
         self.mask_token_id = mask_token_id
         self.image_mask_ratio = mgsc_cfg.image_mask_ratio
         self.text_mask_ratio = mgsc_cfg.text_mask_ratio
+        self.text_with_replacement = mgsc_cfg.text_mask_sampling == "with_replacement"
         self.register_buffer("special_ids", torch.tensor(sorted(set(special_ids)), dtype=torch.long),
                              persistent=False)
 
     def passes(self, ctx):
-        return ctx.glscl_passes(self.image_mask_ratio, self.text_mask_ratio, self.mask_token_id, self.special_ids)
+        return ctx.glscl_passes(self.image_mask_ratio, self.text_mask_ratio, self.mask_token_id, self.special_ids,
+                                self.text_with_replacement)
 
 
 class MGSC(_SharedPasses):

@@ -232,3 +232,22 @@ def test_all_losses_go_down_on_a_repeated_batch(model_factory, batch):
         history.append({k: v.item() for k, v in out["losses"].items()})
     for name in ("itc", "itm", "mlm", "mgsc", "mltc_image", "mltc_text"):
         assert history[-1][name] < history[0][name], (name, history[0][name], history[-1][name])
+
+
+def test_text_completion_mask_with_replacement_follows_released_rule(tokenizer):
+    """`text_mask_sampling: with_replacement`: int(0.4 n) + 1 draws with replacement, so at most that many distinct
+    tokens (fewer when draws collide), never specials or padding."""
+    torch.manual_seed(0)
+    enc = tokenizer(["a small red circle left of a large blue square and a green triangle"] * 500 + ["a dog"],
+                    padding="max_length", max_length=24, return_tensors="pt")
+    ids, attn = enc["input_ids"], enc["attention_mask"]
+    special = torch.tensor(tokenizer.all_special_ids)
+    masked, mask = mask_text_for_completion(ids, attn, special, tokenizer.mask_token_id, 0.4, with_replacement=True)
+    candidates = attn.bool() & ~torch.isin(ids, special)
+    n = candidates.sum(1)
+    k = (0.4 * n).long() + 1
+    per_sample = mask.sum(1)
+    assert not (mask & ~candidates).any()
+    assert (per_sample >= 1).all() and (per_sample <= k).all()
+    assert (per_sample < k).any()  # collisions happen, unlike the exact rule
+    assert (masked[mask] == tokenizer.mask_token_id).all() and (masked[~mask] == ids[~mask]).all()
