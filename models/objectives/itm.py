@@ -5,10 +5,15 @@ over the other samples of the local batch (ALBEF-style); pairs whose captions ar
 negatives. Rows whose weights are degenerate (non-finite, zero mass) fall back to uniform sampling, so a collapsed
 similarity matrix cannot crash `torch.multinomial` (ALBEF#93). Positives and both kinds of negatives go through the
 fusion encoder in one call of 3B pairs. Without ITC in the step, negatives are uniform.
+
+`pairs: b` instead makes one fusion call of exactly B pairs, the cost of the official SCL code's single ITM pass:
+a random B//2 of the samples (torch.randperm) become negatives, half of them (rounded down) with a negative text
+and the rest with a negative image, drawn by the same `sample_negatives`; the other samples stay positive pairs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -21,6 +26,11 @@ from models.objectives.base import ObjectiveOutput
 class ItmConfig:
     weight: float = 1.0
     hard_negatives: bool = True
+    pairs: Literal["3b", "b"] = "3b"  # "3b": B positives + B negative texts + B negative images; "b": B pairs, B//2 negative
+
+    def validate(self) -> None:
+        if self.pairs not in ("3b", "b"):
+            raise ValueError(f"objectives.itm.pairs: expected '3b' or 'b', got {self.pairs!r}")
 
 
 def sample_negatives(sim: torch.Tensor | None, forbidden: torch.Tensor) -> torch.Tensor:
@@ -57,13 +67,26 @@ class ITM(nn.Module):
             neg_text = sample_negatives(ctx.cache.get("itc_sim_i2t") if hard else None, same)
             neg_image = sample_negatives(ctx.cache.get("itc_sim_t2i") if hard else None, same)
         text, image = ctx.text_proj, ctx.image_proj
-        out = ctx.fuse(
-            torch.cat([text, text[neg_text], text]),
-            torch.cat([mask, mask[neg_text], mask]),
-            torch.cat([image, image, image[neg_image]]),
-        )
+        if self.cfg.pairs == "b":
+            with torch.no_grad():
+                neg = torch.randperm(b, device=ids.device)[: b // 2]
+                swap_text, swap_image = neg[: neg.numel() // 2], neg[neg.numel() // 2:]
+                text_idx = torch.arange(b, device=ids.device)
+                image_idx = torch.arange(b, device=ids.device)
+                text_idx[swap_text] = neg_text.to(ids.device)[swap_text]
+                image_idx[swap_image] = neg_image.to(ids.device)[swap_image]
+                labels = torch.ones(b, dtype=torch.long, device=ids.device)
+                labels[neg] = 0
+            out = ctx.fuse(text[text_idx], mask[text_idx], image[image_idx])
+        else:
+            out = ctx.fuse(
+                torch.cat([text, text[neg_text], text]),
+                torch.cat([mask, mask[neg_text], mask]),
+                torch.cat([image, image, image[neg_image]]),
+            )
+            labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
         logits = self.head(out.cls_feats).float()
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        labels = labels.to(logits.device)
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(-1) == labels).float().mean()
         return ObjectiveOutput({"itm": loss}, {"itm_acc": acc.detach()})

@@ -163,3 +163,87 @@ def test_pretrained_minilm_model_builds(model_factory, batch):
     model = model_factory(pretrained_text=True)
     out = model(batch())
     assert torch.isfinite(out["loss"])
+
+
+class _FakeItmCtx:
+    """What ITM reads from a StepContext; `fuse` records its inputs and scores each pair as matched or not."""
+
+    def __init__(self, ids):
+        b = ids.shape[0]
+        self.input_ids, self.attention_mask = ids, torch.ones_like(ids)
+        self.cache = {}
+        self.text_proj = torch.arange(b, dtype=torch.float)[:, None, None].expand(b, 3, 1).clone()   # row i = i
+        self.image_proj = torch.arange(b, dtype=torch.float)[:, None, None].expand(b, 5, 1).clone()
+        self.calls = []
+
+    def fuse(self, text, text_mask, image):
+        from types import SimpleNamespace
+        self.calls.append((text, text_mask, image))
+        matched = (text[:, 0, 0] == image[:, 0, 0]).float()
+        return SimpleNamespace(cls_feats=torch.stack([1 - matched, matched], 1) * 10)  # 2*dim = 2 features
+
+
+def _itm_b_mode():
+    from models.objectives.itm import ITM, ItmConfig
+    itm = ITM(ItmConfig(pairs="b"), dim=1)
+    with torch.no_grad():  # logits = cls_feats: class 1 iff the pair is matched
+        itm.head.weight.copy_(torch.eye(2))
+        itm.head.bias.zero_()
+    return itm
+
+
+@pytest.mark.parametrize("b", [2, 3, 6, 9])
+def test_itm_b_mode_one_call_of_b_pairs_with_half_negatives(b):
+    torch.manual_seed(b)
+    ids = torch.arange(b * 4).view(b, 4) + 5
+    if b > 2:  # samples 0 and 1 share a caption: never each other's negative text or image
+        ids[1] = ids[0]
+    itm = _itm_b_mode()
+    for _ in range(20):
+        ctx = _FakeItmCtx(ids)
+        out = itm(ctx)
+        assert len(ctx.calls) == 1
+        text, mask, image = ctx.calls[0]
+        assert text.shape[0] == mask.shape[0] == image.shape[0] == b
+        t, i = text[:, 0, 0].long(), image[:, 0, 0].long()
+        rows = torch.arange(b)
+        neg_text, neg_image = t != rows, i != rows
+        assert not (neg_text & neg_image).any()            # one swap per negative pair
+        assert int((neg_text | neg_image).sum()) == b // 2  # exactly B//2 negatives
+        assert int(neg_text.sum()) == (b // 2) // 2
+        assert all((ids[t[k]] != ids[k]).any() for k in range(b) if neg_text[k])   # really another caption
+        assert all((ids[i[k]] != ids[k]).any() for k in range(b) if neg_image[k])  # image of another caption
+        assert out.stats["itm_acc"].item() == 1.0  # labels: 1 exactly for the kept positives
+
+
+def test_itm_3b_mode_unchanged():
+    from models.objectives.itm import ITM, ItmConfig
+    assert ItmConfig().pairs == "3b"
+    b = 4
+    ids = torch.arange(b * 4).view(b, 4)
+    itm = ITM(ItmConfig(), dim=1)
+    with torch.no_grad():
+        itm.head.weight.copy_(torch.eye(2))
+        itm.head.bias.zero_()
+    ctx = _FakeItmCtx(ids)
+    out = itm(ctx)
+    assert len(ctx.calls) == 1
+    text, _, image = ctx.calls[0]
+    t, i = text[:, 0, 0].long(), image[:, 0, 0].long()
+    rows = torch.arange(b)
+    assert t.shape[0] == 3 * b
+    assert (t[:b] == rows).all() and (i[:b] == rows).all()              # positives
+    assert (t[b:2 * b] != rows).all() and (i[b:2 * b] == rows).all()    # negative texts
+    assert (t[2 * b:] == rows).all() and (i[2 * b:] != rows).all()      # negative images
+    assert out.stats["itm_acc"].item() == 1.0
+
+
+def test_itm_b_mode_in_model_one_fusion_call(model_factory, batch):
+    from models.objectives import ItcConfig, ItmConfig
+    model = model_factory(objectives={"itc": ItcConfig(embed_dim=32), "itm": ItmConfig(pairs="b")})
+    shapes = []
+    model.fusion.register_forward_hook(lambda m, args, out: shapes.append(args[0].shape[0]))
+    out = model(batch(b=4))
+    assert shapes == [4]
+    out["loss"].backward()
+    assert torch.isfinite(out["losses"]["itm"])

@@ -1,0 +1,251 @@
+"""Training FLOPs per sample (forward + backward) of our shared-pass step vs the official SCL code's pass structure.
+
+    python train/flops.py --config train/configs/glscl_4m.yaml [--batch 2] [key=value ...]
+
+Counted with torch.utils.flop_counter.FlopCounterMode on CPU at the config's model size (weights do not matter:
+a text tower that names a missing local dir is built by random init at that architecture's size). Counted FLOPs are
+those of matmuls/convolutions/attention (what FlopCounterMode counts); elementwise ops are not counted.
+
+ours      one training step as VLPModel runs it: the unmasked image and text encodings are computed once
+          ("shared") and reused by every objective; MGSC and MLTC share the masked passes A/B.
+official  the released SCL code re-encodes both modalities in every objective: ITC, ITM and MLM each get a fresh
+          StepContext; MGSC+MLTC share one fresh StepContext (MLTC reuses MGSC's passes A/B and adds pass C);
+          ITM is counted in "b" mode (one fusion pass of B pairs) whatever the config says.
+
+Attribution (every number is forward + backward, per sample, except the "fwd" split of a group):
+  ours:     "shared" = the unmasked encoders (forward + their backward of the gradients all objectives send them);
+            each objective = its own forward + backward, up to the shared encodings (which it sees as leaves).
+            MGSC and MLTC share passes A/B, so their backward is one group "mgsc+mltc" (forward split shown).
+  official: each objective = a full forward + backward from a fresh context (encoders included); "mgsc+mltc" as above.
+The per-part numbers sum exactly to the totals; `ratio` (last line) = ours total / official total.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Sizes of text towers that a config may name as a missing local directory.
+_TEXT_ARCHS = {
+    "roberta-base": dict(arch="roberta", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                         vocab_size=50265, max_position_embeddings=512),
+    "roberta-large": dict(arch="roberta", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+                          vocab_size=50265, max_position_embeddings=512),
+    "bert-base": dict(arch="bert", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                      vocab_size=30522, max_position_embeddings=512),
+    "bert-large": dict(arch="bert", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+                       vocab_size=30522, max_position_embeddings=512),
+}
+
+
+class _SyntheticTokenizer:
+    """The tokenizer attributes VLPModel and the batch builder need, for a tower we build by random init."""
+
+    def __init__(self, arch: str, vocab_size: int):
+        self.vocab_size = vocab_size
+        if arch == "roberta":
+            self.cls_token_id, self.pad_token_id, self.sep_token_id, unk = 0, 1, 2, 3
+            self.mask_token_id = vocab_size - 1
+        else:
+            self.pad_token_id, unk, self.cls_token_id, self.sep_token_id, self.mask_token_id = 0, 100, 101, 102, 103
+        self.all_special_ids = sorted({self.cls_token_id, self.pad_token_id, self.sep_token_id, unk,
+                                       self.mask_token_id})
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def _is_local(name) -> bool:
+    return name is not None and (name == "minilm" or Path(name).is_dir())
+
+
+def prepare_model_config(cfg, log=print):
+    """-> (model config, tokenizer); a text tower naming a missing local dir becomes a random init at its size."""
+    from models.text import load_tokenizer
+
+    text = cfg.model.text
+    name = text.pretrained if text.pretrained is not None else text.tokenizer
+    if _is_local(text.pretrained) or (text.pretrained is None and _is_local(text.tokenizer)):
+        return cfg.model, load_tokenizer(text)
+    key = os.path.basename(str(name).rstrip("/")).lower()
+    match = next((k for k in _TEXT_ARCHS if key.startswith(k)), None)
+    if match is None:
+        match = "roberta-base" if "roberta" in key else "bert-base"
+    sizes = _TEXT_ARCHS[match]
+    new_text = dataclasses.replace(text, pretrained=None, tokenizer="<synthetic>", dropout=text.dropout, **sizes)
+    log(f"note: model.text {name!r} is not a local directory: counting a random-init {match} "
+        f"({sizes['hidden_size']}d, {sizes['num_layers']} layers, vocab {sizes['vocab_size']}) with a synthetic "
+        f"tokenizer (FLOPs do not depend on weights)")
+    return dataclasses.replace(cfg.model, text=new_text), _SyntheticTokenizer(sizes["arch"], sizes["vocab_size"])
+
+
+def synthetic_batch(tokenizer, batch_size: int, frames: int, image_size: int, max_len: int, real_frac=0.6,
+                    seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    special = set(tokenizer.all_special_ids)
+    lo = max(i for i in special if i < 1000) + 1 if any(i < 1000 for i in special) else 0
+    n_real = max(3, min(max_len, round(real_frac * max_len)))
+    ids = torch.full((batch_size, max_len), tokenizer.pad_token_id, dtype=torch.long)
+    words = torch.randint(lo, len(tokenizer) - 1, (batch_size, n_real - 2), generator=g)
+    words[torch.isin(words, torch.tensor(sorted(special)))] = lo
+    ids[:, 0] = tokenizer.cls_token_id
+    ids[:, 1:n_real - 1] = words
+    ids[:, n_real - 1] = tokenizer.sep_token_id
+    mask = torch.zeros(batch_size, max_len, dtype=torch.long)
+    mask[:, :n_real] = 1
+    return {"pixel_values": torch.randn(batch_size, frames, 3, image_size, image_size, generator=g),
+            "input_ids": ids, "attention_mask": mask}
+
+
+def _loss(model, name, out):
+    return model.weights[name] * sum(out.losses.values())
+
+
+def _count_ours(model, batch):
+    from models.vlp import StepContext
+
+    parts, fwd_split = {}, {}
+    with FlopCounterMode(display=False) as fc:
+        def now():
+            return fc.get_total_flops()
+        ctx = StepContext(model, batch)
+        start = now()
+        image_proj, text_proj = ctx.image_proj, ctx.text_proj
+        shared_fwd = now() - start
+        # The objectives see the shared encodings as leaves; their gradients are sent through the encoders once.
+        image_leaf = image_proj.detach().requires_grad_()
+        text_leaf = text_proj.detach().requires_grad_()
+        ctx.__dict__["image_proj"], ctx.__dict__["text_proj"] = image_leaf, text_leaf
+        groups = [[n] for n in model.objectives if n not in ("mgsc", "mltc")]
+        glscl = [n for n in model.objectives if n in ("mgsc", "mltc")]
+        if glscl:
+            groups.append(glscl)
+        for group in groups:
+            start = now()
+            loss = 0.0
+            for name in group:
+                s = now()
+                loss = loss + _loss(model, name, model.objectives[name](ctx))
+                fwd_split[name] = now() - s
+            loss.backward()
+            parts["+".join(group)] = now() - start
+        start = now()
+        grads = [(t, l.grad) for t, l in ((image_proj, image_leaf), (text_proj, text_leaf)) if l.grad is not None]
+        if grads:
+            torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
+        parts = {"shared": shared_fwd + now() - start, **parts}
+        total = now()
+    return parts, fwd_split, total
+
+
+def _count_official(model, batch):
+    from models.vlp import StepContext
+
+    parts, fwd_split = {}, {}
+    itm = model.objectives["itm"] if "itm" in model.objectives else None
+    saved = itm.cfg if itm is not None else None
+    if itm is not None:
+        itm.cfg = dataclasses.replace(saved, pairs="b")
+    try:
+        with FlopCounterMode(display=False) as fc:
+            groups = [[n] for n in model.objectives if n not in ("mgsc", "mltc")]
+            glscl = [n for n in model.objectives if n in ("mgsc", "mltc")]
+            if glscl:
+                groups.append(glscl)
+            for group in groups:
+                start = fc.get_total_flops()
+                ctx = StepContext(model, batch)  # fresh: nothing shared with the other objectives
+                loss = 0.0
+                for name in group:
+                    s = fc.get_total_flops()
+                    loss = loss + _loss(model, name, model.objectives[name](ctx))
+                    fwd_split[name] = fc.get_total_flops() - s
+                loss.backward()
+                parts["+".join(group)] = fc.get_total_flops() - start
+            total = fc.get_total_flops()
+    finally:
+        if itm is not None:
+            itm.cfg = saved
+    return parts, fwd_split, total
+
+
+def count_flops(cfg, batch_size: int = 2, seed: int = 0, itm_pairs: str | None = None, log=print) -> dict:
+    """-> {"ours": {...}, "official": {...}}, each {"parts": {name: FLOPs per sample, fwd+bwd},
+    "fwd": {objective: forward FLOPs per sample}, "total": FLOPs per sample}. `itm_pairs` overrides ours' ITM mode."""
+    from models.vlp import build_model
+
+    model_cfg, tokenizer = prepare_model_config(cfg, log)
+    objectives = dict(cfg.objectives)
+    if itm_pairs is not None and "itm" in objectives:
+        objectives["itm"] = dataclasses.replace(objectives["itm"], pairs=itm_pairs)
+    torch.manual_seed(seed)
+    model = build_model(model_cfg, objectives, tokenizer).train()
+    batch = synthetic_batch(tokenizer, batch_size, getattr(cfg.data, "num_frames", 1) or 1, cfg.data.image_size,
+                            cfg.data.max_text_len, seed=seed)
+    result = {}
+    for side, fn in (("ours", _count_ours), ("official", _count_official)):
+        torch.manual_seed(seed)
+        parts, fwd, total = fn(model, batch)
+        model.zero_grad(set_to_none=True)
+        result[side] = {"parts": {k: v / batch_size for k, v in parts.items()},
+                        "fwd": {k: v / batch_size for k, v in fwd.items()}, "total": total / batch_size}
+    return result
+
+
+def format_table(res: dict) -> list[str]:
+    g = 1e9
+    names = list(dict.fromkeys(list(res["ours"]["parts"]) + list(res["official"]["parts"])))
+    lines = [f"{'GFLOPs/sample (fwd+bwd)':<26}{'ours':>12}{'official':>12}"]
+    for n in names:
+        o, f = res["ours"]["parts"].get(n), res["official"]["parts"].get(n)
+        fmt = lambda v: f"{v / g:12.2f}" if v is not None else f"{'-':>12}"
+        lines.append(f"{n:<26}{fmt(o)}{fmt(f)}")
+        if "+" in n:
+            for sub in n.split("+"):
+                lines.append(f"{'  ' + sub + ' (fwd only)':<26}{res['ours']['fwd'][sub] / g:12.2f}"
+                             f"{res['official']['fwd'][sub] / g:12.2f}")
+    lines.append(f"{'total':<26}{res['ours']['total'] / g:12.2f}{res['official']['total'] / g:12.2f}")
+    return lines
+
+
+def main(argv=None) -> int:
+    from train.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides, e.g. objectives.itm.pairs=b")
+    args = ap.parse_args(argv)
+    if args.batch < 2:
+        ap.error("--batch must be >= 2 (ITM draws negatives within the batch)")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    res = count_flops(cfg, args.batch)
+    print(f"config {args.config}, batch {args.batch}; ours = shared passes (as trained), "
+          f"official = fresh encoders per objective (ITM in 'b' mode)")
+    print("\n".join(format_table(res)))
+    ratio = res["ours"]["total"] / res["official"]["total"]
+    itm = cfg.objectives.get("itm")
+    if itm is not None and itm.pairs == "3b":
+        alt = count_flops(cfg, args.batch, itm_pairs="b", log=lambda *_: None)
+        print(f"note: the config's ITM uses pairs=3b (3B fusion pairs vs the official B); with objectives.itm.pairs=b "
+              f"ours would be {alt['ours']['total'] / 1e9:.2f} GFLOPs/sample, "
+              f"ratio {alt['ours']['total'] / alt['official']['total']:.4f}")
+    print(f"ratio: {ratio:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
