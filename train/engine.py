@@ -367,7 +367,13 @@ class Engine:
             return None
         with open(latest) as f:
             tag = f.read().strip()
-        path, client = self.ds.load_checkpoint(self.ckpt_dir, tag=tag)
+        try:
+            path, client = self.ds.load_checkpoint(self.ckpt_dir, tag=tag)
+        except RuntimeError as e:  # strict load: keys or shapes differ from this run's model
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+            first = " ".join(lines[:2])[:400] if lines else type(e).__name__  # torch: header + missing/unexpected keys
+            raise ConfigError(f"{os.path.join(self.ckpt_dir, tag)}: does not fit this run's model (written with another "
+                              f"model/objectives config? use a new --output_dir): {first}") from None
         if path is None:
             raise RuntimeError(f"{self.ckpt_dir}: `latest` names {tag!r} but DeepSpeed could not load it")
         own = os.path.join(self.ckpt_dir, tag, f"train_state_rank{self.dist.rank}.pt")

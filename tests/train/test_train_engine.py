@@ -166,3 +166,11 @@ def test_glscl_objectives_train_under_zero(pretrain, tmp_path, stage):
                        "train.activation_checkpointing={vision: -1, text: -1, fusion: -1}")
     assert [r["step"] for r in records][-1] == 2
     assert all(math.isfinite(r[k]) for r in records for k in ("loss", *LOSS_KEYS, *GLSCL_KEYS))
+
+
+def test_resume_with_another_model_is_one_clear_error(pretrain, tmp_path):
+    ds = write_ds_config(tmp_path, 0, "fp32")
+    pretrain(tmp_path / "out", ds, "train.max_steps=1", "train.eval_every=0")
+    from train.config import ConfigError
+    with pytest.raises(ConfigError, match="does not fit this run's model"):
+        pretrain(tmp_path / "out", ds, "train.max_steps=2", "train.eval_every=0", *GLSCL)
