@@ -89,11 +89,15 @@ class StepContext:
         keep = random_keep_indices(self.pixel_values.shape[0], vision.num_patches, 1.0 - image_mask_ratio,
                                    self.pixel_values.device)
         image_a = self.model.fusion.project_image(vision(self.pixel_values, keep=keep).tokens)
-        pass_a = self.fuse(self.text_proj, self.attention_mask, image_a)
+        # Read from A: frame CLS (MGSC) and text tokens (MLTC targets, MGSC text target = its CLS);
+        # from B: text and frame CLS (MGSC), plus all tokens when MLTC runs. The last fusion layer computes only those.
+        tokens = "all" if "mltc" in self.model.objectives else "cls"
+        pass_a = self.fuse(self.text_proj, self.attention_mask, image_a, text_out=tokens, image_out="cls")
         masked_ids, text_mask = mask_text_for_completion(self.input_ids, self.attention_mask, special_ids,
                                                          mask_token_id, text_mask_ratio,
                                                          with_replacement=text_with_replacement)
-        pass_b = self.fuse(self.encode_text(masked_ids, self.attention_mask), self.attention_mask, self.image_proj)
+        pass_b = self.fuse(self.encode_text(masked_ids, self.attention_mask), self.attention_mask, self.image_proj,
+                           text_out=tokens, image_out=tokens)
         self.cache.update(glscl_ratios=key, glscl_keep=keep, glscl_text_mask=text_mask, glscl_masked_ids=masked_ids,
                           glscl_pass_a=pass_a, glscl_pass_b=pass_b)
         return pass_a, pass_b

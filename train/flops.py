@@ -7,10 +7,12 @@ a text tower that names a missing local dir is built by random init at that arch
 those of matmuls/convolutions/attention (what FlopCounterMode counts); elementwise ops are not counted.
 
 ours      one training step as VLPModel runs it: the unmasked image and text encodings are computed once
-          ("shared") and reused by every objective; MGSC and MLTC share the masked passes A/B.
+          ("shared") and reused by every objective; MGSC and MLTC share the masked passes A/B; the last fusion layer
+          computes only the tokens a pass's objective reads (ITM: CLS only; MLM: text only; ...).
 official  the released SCL code re-encodes both modalities in every objective: ITC, ITM and MLM each get a fresh
           StepContext; MGSC+MLTC share one fresh StepContext (MLTC reuses MGSC's passes A/B and adds pass C);
-          ITM is counted in "b" mode (one fusion pass of B pairs) whatever the config says.
+          ITM is counted in "b" mode (one fusion pass of B pairs) whatever the config says; every fusion pass
+          computes all tokens of both streams.
 
 Attribution (every number is forward + backward, per sample, except the "fwd" split of a group):
   ours:     "shared" = the unmasked encoders (forward + their backward of the gradients all objectives send them);
@@ -22,6 +24,7 @@ The per-part numbers sum exactly to the totals; `ratio` (last line) = ours total
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -146,6 +149,23 @@ def _count_ours(model, batch):
     return parts, fwd_split, total
 
 
+@contextlib.contextmanager
+def _full_fusion_outputs(model):
+    """The official code computes every token of both streams in every fusion pass (no last-layer pruning)."""
+    fusion = model.fusion
+    forward = fusion.forward
+
+    def full(*args, **kw):
+        kw["text_out"] = kw["image_out"] = "all"
+        return forward(*args, **kw)
+
+    fusion.forward = full
+    try:
+        yield
+    finally:
+        del fusion.forward
+
+
 def _count_official(model, batch):
     from models.vlp import StepContext
 
@@ -155,7 +175,7 @@ def _count_official(model, batch):
     if itm is not None:
         itm.cfg = dataclasses.replace(saved, pairs="b")
     try:
-        with FlopCounterMode(display=False) as fc:
+        with _full_fusion_outputs(model), FlopCounterMode(display=False) as fc:
             groups = [[n] for n in model.objectives if n not in ("mgsc", "mltc")]
             glscl = [n for n in model.objectives if n in ("mgsc", "mltc")]
             if glscl:

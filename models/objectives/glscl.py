@@ -128,7 +128,7 @@ class MLTC(_SharedPasses):
         ctx.cache["mltc_token_mask"] = token_mask
         image_c = ctx.model.fusion.project_image(
             vision(ctx.pixel_values, token_mask=token_mask, mask_token=self.mask_token).tokens)
-        pass_c = ctx.fuse(ctx.text_proj, ctx.attention_mask, image_c)
+        pass_c = ctx.fuse(ctx.text_proj, ctx.attention_mask, image_c, text_out="none")  # only image tokens are read
         # Image tokens (local batch): patch tokens of C at the masked positions vs sg(B's) at the same positions;
         # tube: a masked position is masked in every frame.
         patches = lambda t: t[:, f:].unflatten(1, (f, vision.num_patches))  # (B, F, P, D)

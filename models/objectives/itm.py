@@ -77,12 +77,13 @@ class ITM(nn.Module):
                 image_idx[swap_image] = neg_image.to(ids.device)[swap_image]
                 labels = torch.ones(b, dtype=torch.long, device=ids.device)
                 labels[neg] = 0
-            out = ctx.fuse(text[text_idx], mask[text_idx], image[image_idx])
+            out = ctx.fuse(text[text_idx], mask[text_idx], image[image_idx], text_out="cls", image_out="cls")
         else:
             out = ctx.fuse(
                 torch.cat([text, text[neg_text], text]),
                 torch.cat([mask, mask[neg_text], mask]),
                 torch.cat([image, image, image[neg_image]]),
+                text_out="cls", image_out="cls",  # the head reads only the pooled CLS features
             )
             labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
         logits = self.head(out.cls_feats).float()

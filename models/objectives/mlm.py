@@ -59,7 +59,8 @@ class MLM(nn.Module):
     def forward(self, ctx) -> ObjectiveOutput:
         masked, labels = mask_tokens(ctx.input_ids, ctx.attention_mask, self.special_ids, self.mask_token_id,
                                      self.vocab_size, self.cfg.mask_prob)
-        out = ctx.fuse(ctx.encode_text(masked, ctx.attention_mask), ctx.attention_mask, ctx.image_proj)
+        out = ctx.fuse(ctx.encode_text(masked, ctx.attention_mask), ctx.attention_mask, ctx.image_proj,
+                       image_out="none")  # only text tokens are read
         where = labels != -100
         logits = self.head(out.text[where]).float()
         target = labels[where]

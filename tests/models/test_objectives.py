@@ -176,7 +176,7 @@ class _FakeItmCtx:
         self.image_proj = torch.arange(b, dtype=torch.float)[:, None, None].expand(b, 5, 1).clone()
         self.calls = []
 
-    def fuse(self, text, text_mask, image):
+    def fuse(self, text, text_mask, image, **kw):
         from types import SimpleNamespace
         self.calls.append((text, text_mask, image))
         matched = (text[:, 0, 0] == image[:, 0, 0]).float()

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModel
 
@@ -80,3 +81,23 @@ def test_video_pooler_averages_frame_cls_tokens():
     out = f(t, torch.ones(1, 4, dtype=torch.long), v, num_frames=2)
     expected = f.image_pooler(out.image[:, :2].mean(1))
     torch.testing.assert_close(out.cls_feats[:, 32:], expected)
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_pruned_last_layer_gives_the_same_values_it_keeps(frames):
+    """text_out/image_out="cls"|"none" skip last-layer work the caller never reads; what is kept is unchanged."""
+    f = fusion(layers=2)
+    t = f.project_text(torch.randn(2, 5, 24))
+    v = f.project_image(torch.randn(2, frames + frames * 3, 16))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    full = f(t, mask, v, num_frames=frames)
+    cls = f(t, mask, v, num_frames=frames, text_out="cls", image_out="cls")
+    assert cls.text.shape == (2, 1, 32) and cls.image.shape == (2, frames, 32)
+    torch.testing.assert_close(cls.text, full.text[:, :1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cls.image, full.image[:, :frames], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cls.cls_feats, full.cls_feats, rtol=1e-5, atol=1e-6)
+    text_only = f(t, mask, v, num_frames=frames, image_out="none")
+    assert text_only.image is None and text_only.cls_feats is None
+    torch.testing.assert_close(text_only.text, full.text, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="text_out"):
+        f(t, mask, v, num_frames=frames, text_out="first")
