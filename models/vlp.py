@@ -37,6 +37,8 @@ class StepContext:
         self.pixel_values = batch["pixel_values"]
         self.input_ids = batch["input_ids"]
         self.attention_mask = batch["attention_mask"]
+        # MLM inputs masked by the data collator (data.mlm_probability), if it did; else MLM masks on the device.
+        self.mlm_input_ids, self.mlm_labels = batch.get("mlm_input_ids"), batch.get("mlm_labels")
         self.gather = model.gather
         self.cache: dict = {}
 

@@ -3,6 +3,8 @@
 BERT masking: each real, non-special token is selected with probability mask_prob; of those 80% become the mask
 token, 10% a random token, 10% stay. Special tokens and padding are never selected. The logits are computed only at
 selected positions (the vocabulary projection is the costliest part of the head).
+With `data.mlm_probability` set, the data workers apply the same rule and the batch carries `mlm_input_ids` and
+`mlm_labels`; the objective then uses those instead of masking on the device.
 """
 from __future__ import annotations
 
@@ -57,8 +59,14 @@ class MLM(nn.Module):
         self.head = MLMHead(dim, vocab_size)
 
     def forward(self, ctx) -> ObjectiveOutput:
-        masked, labels = mask_tokens(ctx.input_ids, ctx.attention_mask, self.special_ids, self.mask_token_id,
-                                     self.vocab_size, self.cfg.mask_prob)
+        if getattr(ctx, "mlm_labels", None) is not None:  # masked in the data workers (same 80/10/10 rule)
+            masked, labels = ctx.mlm_input_ids, ctx.mlm_labels
+        else:
+            masked, labels = mask_tokens(ctx.input_ids, ctx.attention_mask, self.special_ids, self.mask_token_id,
+                                         self.vocab_size, self.cfg.mask_prob)
+        if not (labels != -100).any():  # a collator batch of empty captions: nothing to predict
+            return ObjectiveOutput({"mlm": self.head(ctx.text_proj[:, :1]).float().sum() * 0.0},
+                                   {"mlm_acc": torch.zeros((), device=labels.device)})
         out = ctx.fuse(ctx.encode_text(masked, ctx.attention_mask), ctx.attention_mask, ctx.image_proj,
                        image_out="none")  # only text tokens are read
         where = labels != -100

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from models.objectives.itm import sample_negatives
 from models.objectives.mlm import mask_tokens
+from models.objectives import MlmConfig
 
 
 def test_every_parameter_gets_a_gradient(model_factory, batch):
@@ -247,3 +248,21 @@ def test_itm_b_mode_in_model_one_fusion_call(model_factory, batch):
     assert shapes == [4]
     out["loss"].backward()
     assert torch.isfinite(out["losses"]["itm"])
+
+
+def test_mlm_uses_collator_masks_when_the_batch_has_them(model_factory, batch):
+    """data.mlm_probability: the workers mask; the objective must predict exactly the collator's labels."""
+    model = model_factory(objectives={"mlm": MlmConfig()}).eval()
+    batch = batch()
+    ids = batch["input_ids"].clone()
+    labels = torch.full_like(ids, -100)
+    labels[:, 1] = ids[:, 1]  # one chosen position per caption, replaced by the mask token
+    masked = ids.clone()
+    masked[:, 1] = model.objectives["mlm"].mask_token_id
+    seen = []
+    model.objectives["mlm"].head.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    out = model({**batch, "mlm_input_ids": masked, "mlm_labels": labels})
+    assert seen == [ids.shape[0]]  # logits at exactly the collator's masked positions
+    torch.manual_seed(0)
+    out2 = model({**batch, "mlm_input_ids": masked, "mlm_labels": labels})
+    torch.testing.assert_close(out["losses"]["mlm"], out2["losses"]["mlm"])  # no device-side random masking
