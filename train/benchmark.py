@@ -1,0 +1,198 @@
+"""Training-step throughput, MFU and peak memory of the pretraining model (synthetic batches, no data loading).
+
+    python train/benchmark.py --config train/configs/glscl_4m.yaml [--batch 64] [--dtype bf16] [--steps 20]
+        [--warmup 5] [--engine torch|deepspeed] [--deepspeed_config ds_configs/zero1_bf16.json]
+        [--peak-tflops 989] [key=value ...]
+
+What one step is: VLPModel forward over the config's objectives (shared encoder passes), backward, optimizer step -
+exactly the training step minus the data loader (`datasets/benchmark.py` measures that side). Weights are random init
+(a text tower naming a missing local dir is built at its architecture's size, as train/flops.py does).
+
+  --engine torch      AdamW (fused on CUDA) + torch.autocast(dtype); fp16 adds a GradScaler. Needs no DeepSpeed.
+  --engine deepspeed  deepspeed.initialize with the given ds_config (its batch sizes set to --batch x 1 GPU).
+
+FLOPs per sample are counted on the same device with torch's FlopCounterMode (matmuls/convs/attention, forward +
+backward, one step of batch 2 as train/flops.py counts "ours"); MFU = FLOPs/sample x samples/s / peak. The peak is
+the dense bf16/fp16 tensor-core number of the GPU (H100/H200 SXM 989 TFLOP/s, A100 312) unless --peak-tflops says
+otherwise; on CPU there is no default and MFU is not printed.
+Last line: `samples_per_sec: X mfu: Y` (Y = n/a without a peak).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def default_peak(device: torch.device, dtype: str) -> float | None:
+    if device.type != "cuda" or dtype == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def count_flops_per_sample(model, batch: dict) -> float:
+    """Forward + backward FLOPs per sample of one training step as VLPModel runs it (batch >= 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        model(batch)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / batch["pixel_values"].shape[0]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def build(cfg, device, log=print):
+    from models.vlp import build_model
+    from train.engine import apply_activation_checkpointing
+    from train.flops import prepare_model_config
+
+    model_cfg, tokenizer = prepare_model_config(cfg, log)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(model_cfg, cfg.objectives, tokenizer).to(device).train()
+    applied = apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    return model, tokenizer, applied
+
+
+def torch_step_fn(model, cfg, device, dtype: str):
+    from train.optim import param_groups
+
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(param_groups(model, cfg.train), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                            eps=cfg.train.eps, fused=fused)
+    amp = dtype != "fp32"
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=amp):
+            loss = model(batch)["loss"]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def deepspeed_step_fn(model, cfg, ds_config_path: str, batch_size: int):
+    import json
+
+    import deepspeed
+
+    from train.distributed import init_distributed
+    from train.optim import build_optimizer
+
+    init_distributed()
+    with open(ds_config_path) as f:
+        ds_config = json.load(f)
+    ds_config.update(train_batch_size=batch_size, train_micro_batch_size_per_gpu=batch_size,
+                     gradient_accumulation_steps=1)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train), config=ds_config)
+    half = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+
+    def step(batch):
+        if half is not None:
+            batch = {k: v.to(half) if v.is_floating_point() else v for k, v in batch.items()}
+        loss = engine(batch)["loss"]
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> int:
+    from train.config import ConfigError, load_config
+    from train.flops import synthetic_batch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--batch", type=int, default=None, help="micro batch (default: the config's micro_batch_size)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="default bf16 on CUDA, fp32 on CPU (bf16 matmuls are very slow on most CPUs)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--engine", choices=("torch", "deepspeed"), default="torch")
+    ap.add_argument("--deepspeed_config", default="ds_configs/zero1_bf16.json")
+    ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    batch_size = args.batch or cfg.train.micro_batch_size
+    if batch_size < 2:
+        ap.error("--batch must be >= 2 (ITM and ITC need in-batch negatives)")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    model, tokenizer, applied = build(cfg, device)
+    frames = max(1, cfg.data.num_frames)
+    make = lambda b, seed: to_device(synthetic_batch(tokenizer, b, frames, cfg.data.image_size,  # noqa: E731
+                                                     cfg.data.max_text_len, seed=seed), device)
+    with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+        flops = count_flops_per_sample(model, make(2, 0))
+    step = (torch_step_fn(model, cfg, device, dtype) if args.engine == "torch"
+            else deepspeed_step_fn(model, cfg, args.deepspeed_config, batch_size))
+    batches = [make(batch_size, s) for s in range(2)]  # two alternating batches: no caching of one input
+
+    for i in range(args.warmup):
+        step(batches[i % 2])
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(batches[i % 2])
+    loss = float(loss.detach())  # waits for the last step
+    sync(device)
+    elapsed = time.perf_counter() - t0
+
+    sps = batch_size * args.steps / elapsed
+    peak = args.peak_tflops or default_peak(device, dtype)
+    achieved = flops * sps / 1e12
+    n_params = sum(p.numel() for p in model.parameters())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"config {args.config}; device {name}; engine {args.engine}; dtype {dtype}; micro batch {batch_size}; "
+          f"frames {frames}; image {cfg.data.image_size}px; text {cfg.data.max_text_len} tokens")
+    print(f"objectives {','.join(model.objectives)}; params {n_params / 1e6:.1f}M; activation checkpointing {applied}")
+    print(f"{'step time':<28}{elapsed / args.steps * 1e3:10.1f} ms  (mean of {args.steps} after {args.warmup} warmup)")
+    print(f"{'samples/s (this device)':<28}{sps:10.1f}")
+    print(f"{'GFLOPs/sample fwd+bwd':<28}{flops / 1e9:10.1f}  (FlopCounterMode, batch 2, same device/dtype)")
+    print(f"{'achieved TFLOP/s':<28}{achieved:10.1f}")
+    if device.type == "cuda":
+        print(f"{'peak memory allocated':<28}{torch.cuda.max_memory_allocated(device) / 2 ** 30:10.2f} GiB")
+    print(f"{'final loss':<28}{loss:10.3f}")
+    mfu = f"{achieved / peak:.4g}" if peak else "n/a"
+    if peak:
+        print(f"{'MFU':<28}{achieved / peak:10.1%}  (peak {peak:.1f} TFLOP/s)")
+    print(f"samples_per_sec: {sps:.1f} mfu: {mfu}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
