@@ -1,0 +1,456 @@
+"""Checkpoint conversion: DeepSpeed -> one file, pretraining -> fine-tuning, public weights <-> our towers.
+
+  python train/convert_checkpoint.py zero-to-fp32 CKPT OUT.safetensors
+  python train/convert_checkpoint.py to-finetune IN OUT.safetensors [--image-size S] [--num-frames F]
+  python train/convert_checkpoint.py import --format {hf-bert,hf-roberta,timm-vit,openai-clip} SRC OUT.safetensors
+  python train/convert_checkpoint.py export --tower {vision,text} IN OUT_DIR
+  python train/convert_checkpoint.py info FILE.safetensors
+
+CKPT / IN may be a DeepSpeed checkpoint: a run dir, its checkpoints/ dir (uses `latest`) or one checkpoints/step_N
+dir, of any ZeRO stage (0-3); it is consolidated to fp32 through DeepSpeed's Python API. Every file this tool writes
+is safetensors with metadata: `kind` (vlp = a whole VLPModel, vision / text = one tower), the run config (`config`,
+JSON) or the tower config, and the names it dropped. Loads are strict: missing/unexpected keys are named.
+Exit code 2 = bad input (file, key, argument), with a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from train.config import ConfigError  # noqa: E402
+
+# Parameter prefixes that only pretraining uses, dropped by `to-finetune` (by name, listed in the output):
+#   objectives.mlm.   MLM head (transform + vocabulary decoder); fine-tuning tasks bring their own heads
+#   objectives.mgsc.  (no parameters today) GLSCL's global self-supervised completion
+#   objectives.mltc.  MLTC's image mask token (only the masked pass C uses it)
+# Kept: both towers, the fusion encoder (with its poolers), ITC projections + temperature (retrieval embeddings)
+# and the ITM head (METER/SCL initialise the retrieval re-ranker from it); `--drop objectives.itm.` removes it.
+PRETRAIN_ONLY = ("objectives.mlm.", "objectives.mgsc.", "objectives.mltc.")
+NORMALIZE = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+             "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+class UserError(Exception):
+    """Bad input; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
+
+
+# ------------------------------------------------------------------------------------------- DeepSpeed checkpoints
+def resolve_ds_checkpoint(path: str) -> tuple[str, str]:
+    """A run dir, a checkpoints dir with `latest`, or a step dir -> (checkpoints dir, tag)."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
+        path = os.path.join(path, "checkpoints")
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            tag = f.read().strip()
+        if not os.path.isdir(os.path.join(path, tag)):
+            raise UserError(f"{latest}: names {tag!r}, which is not a directory in {path}")
+        return path, tag
+    if os.path.isdir(path) and any(n.endswith("model_states.pt") for n in os.listdir(path)):
+        return os.path.dirname(path), os.path.basename(path)
+    raise UserError(f"{path}: not a DeepSpeed checkpoint (no `latest` file and no *model_states.pt)")
+
+
+def _model_states_file(tag_dir: str) -> str:
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if os.path.isfile(os.path.join(tag_dir, name)):
+            return os.path.join(tag_dir, name)
+    raise UserError(f"{tag_dir}: no mp_rank_00_model_states.pt or zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def consolidate(path: str) -> tuple[dict, dict, dict]:
+    """DeepSpeed checkpoint -> (fp32 state dict with VLPModel keys, run config, info)."""
+    import torch
+
+    root, tag = resolve_ds_checkpoint(path)
+    tag_dir = os.path.join(root, tag)
+    states_file = _model_states_file(tag_dir)
+    try:
+        states = torch.load(states_file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{states_file}: cannot read with weights_only=True ({str(e).splitlines()[0][:200]})") from None
+    stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    config = states.get("config")
+    if not isinstance(config, dict) or "model" not in config:
+        raise UserError(f"{states_file}: holds no run config (client_state['config']); was it written by "
+                        "train/engine.py?")
+    if stage == 0:
+        # No ZeRO partitions: the module state is complete in this file (in the training dtype).
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    else:
+        from deepspeed.utils import logger as ds_logger
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        ds_logger.setLevel(logging.WARNING)
+        try:
+            sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"{tag_dir}: DeepSpeed could not consolidate this ZeRO-{stage} checkpoint: "
+                            f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}") from None
+        sd = dict(sd)
+    info = {"source": tag_dir, "zero_stage": stage, "step": states.get("step", states.get("global_steps")),
+            "ds_version": states.get("ds_version")}
+    return sd, config, info
+
+
+# ------------------------------------------------------------------------------------------- run configs / models
+def _parse_model_config(config: dict):
+    from models.objectives import OBJECTIVE_CONFIGS
+    from models.vlp import ModelConfig
+    from train.config import build_dataclass
+
+    model_cfg = build_dataclass(ModelConfig, config.get("model"), "model")
+    objectives = {}
+    for name, raw in (config.get("objectives") or {}).items():
+        if name not in OBJECTIVE_CONFIGS:
+            raise ConfigError(f"objectives.{name}: unknown objective (known: {', '.join(OBJECTIVE_CONFIGS)})")
+        objectives[name] = build_dataclass(OBJECTIVE_CONFIGS[name], raw, f"objectives.{name}")
+    return model_cfg, objectives
+
+
+def build_from_config(config: dict):
+    """A fresh VLPModel for a run config (the reference for strict key checks)."""
+    import torch
+
+    from models.text import load_tokenizer
+    from models.vlp import build_model
+
+    model_cfg, objectives = _parse_model_config(config)
+    torch.manual_seed(0)
+    return build_model(model_cfg, objectives, load_tokenizer(model_cfg.text))
+
+
+def verify_vlp(sd: dict, config: dict, what: str) -> None:
+    from models.weights import check_keys
+
+    check_keys(sd, build_from_config(config).state_dict(), what)
+
+
+def text_hf_config(text_cfg: dict) -> dict | None:
+    """The transformers config.json of the text tower a run config describes (None when its pretrained dir is not
+    available here; `export --tower text` then says so)."""
+    from models.text import TextConfig, _random_init_config, resolve_path
+
+    cfg = TextConfig(**text_cfg)
+    if cfg.pretrained is not None:
+        try:
+            with open(os.path.join(resolve_path(cfg.pretrained), "config.json")) as f:
+                return json.load(f)
+        except (FileNotFoundError, ImportError):
+            return None
+    return _random_init_config(cfg).to_dict()
+
+
+def _check_out_file(path: str) -> None:
+    if not path.endswith(".safetensors"):
+        raise UserError(f"{path}: the output is a safetensors file; name it *.safetensors")
+
+
+def load_input(path: str) -> tuple[dict, dict]:
+    """A file we wrote (safetensors with metadata) or a DeepSpeed checkpoint dir -> (state dict, metadata)."""
+    from models.weights import load_weights
+
+    if os.path.isdir(path):
+        sd, config, info = consolidate(path)
+        return sd, {"kind": "vlp", "config": config, **info}
+    sd, meta = load_weights(path)
+    if "kind" not in meta:
+        raise UserError(f"{path}: no `kind` metadata; not written by this tool (import public weights with "
+                        "`import`, DeepSpeed checkpoints with `zero-to-fp32`)")
+    out = dict(meta)
+    for k in ("config", "dropped", "vision_config", "text_config", "hf_config", "text_hf_config"):
+        if k in out:
+            out[k] = json.loads(out[k])
+    return sd, out
+
+
+def _print_dropped(dropped: list[str], why: str) -> None:
+    if dropped:
+        shown = ", ".join(dropped[:12]) + (f", ... ({len(dropped) - 12} more)" if len(dropped) > 12 else "")
+        print(f"dropped {len(dropped)} tensors ({why}): {shown}")
+
+
+# ------------------------------------------------------------------------------------------- commands
+def cmd_zero_to_fp32(args) -> None:
+    from models.weights import save_weights
+
+    _check_out_file(args.out)
+    sd, config, info = consolidate(args.ckpt)
+    if not args.no_verify:
+        verify_vlp(sd, config, f"{info['source']}: consolidated weights vs the model its config builds")
+    meta = {"kind": "vlp", "config": config, "text_hf_config": text_hf_config(config["model"]["text"]),
+            **{k: str(v) for k, v in info.items()}}
+    save_weights(sd, args.out, meta)
+    n = sum(v.numel() for v in sd.values())
+    print(f"wrote {args.out}: {len(sd)} tensors, {n / 1e6:.2f}M values, fp32, from ZeRO-{info['zero_stage']} "
+          f"{info['source']} (step {info['step']})")
+
+
+def cmd_to_finetune(args) -> None:
+    from models.weights import infer_vit_shape, resample_pos_embed, resize_temporal_embed, save_weights
+
+    _check_out_file(args.output)
+    sd, meta = load_input(args.input)
+    if meta.get("kind") != "vlp":
+        raise UserError(f"{args.input}: kind is {meta.get('kind')!r}; to-finetune needs a whole pretraining model "
+                        "(kind 'vlp', from zero-to-fp32 or a DeepSpeed dir)")
+    config = copy.deepcopy(meta["config"])
+    prefixes = PRETRAIN_ONLY + tuple(p if p.endswith(".") else p + "." for p in args.drop)
+    dropped = sorted(k for k in sd if k.startswith(prefixes))
+    for k in dropped:
+        del sd[k]
+    for name in list(config.get("objectives", {})):
+        if f"objectives.{name}." in prefixes:
+            del config["objectives"][name]
+    vcfg, data = config["model"]["vision"], config.get("data") or {}
+    changes = []
+    if args.image_size is not None:
+        shape = infer_vit_shape({k[len("vision."):]: v for k, v in sd.items() if k.startswith("vision.")},
+                                f"{args.input}: vision tower")
+        p = shape["patch_size"]
+        if args.image_size <= 0 or args.image_size % p:
+            raise UserError(f"--image-size {args.image_size} is not a positive multiple of the patch size {p}")
+        g = args.image_size // p
+        sd["vision.pos_embed"] = resample_pos_embed(sd["vision.pos_embed"], (g, g), (shape["grid"], shape["grid"]))
+        changes.append(f"pos_embed {shape['grid']}x{shape['grid']} -> {g}x{g} patches ({args.image_size} px)")
+        vcfg["img_size"] = args.image_size
+        if "image_size" in data:
+            data["image_size"] = args.image_size
+    if args.num_frames is not None:
+        trained = args.trained_frames if args.trained_frames is not None else int(data.get("num_frames", 1))
+        old = sd["vision.temporal_embed"]
+        new = resize_temporal_embed(old, args.num_frames, trained)
+        sd["vision.temporal_embed"] = new
+        how = ("unchanged" if new is old else
+               f"{old.shape[1]} -> {new.shape[1]} rows ({'interpolated from the' if trained > 1 else 'zero-padded; '}"
+               f"{trained} trained frame{'s' if trained != 1 else ''})")
+        changes.append(f"temporal_embed for {args.num_frames} frames: {how}")
+        vcfg["max_frames"] = int(new.shape[1])
+        if "num_frames" in data:
+            data["num_frames"] = args.num_frames
+    if not config.get("objectives"):
+        raise UserError(f"every objective was dropped ({', '.join(prefixes)}); keep at least one (e.g. itc)")
+    if not args.no_verify:
+        verify_vlp(sd, config, f"{args.output}: fine-tuning init vs the model its config builds")
+    save_weights(sd, args.output, {"kind": "vlp", "config": config, "text_hf_config": meta.get("text_hf_config")
+                                   or text_hf_config(config["model"]["text"]), "dropped": dropped,
+                                   "source": os.path.abspath(args.input), "stage": "finetune-init"})
+    _print_dropped(dropped, "pretraining-only")
+    for c in changes:
+        print(c)
+    print(f"wrote {args.output}: {len(sd)} tensors; objectives kept: {', '.join(config['objectives'])}")
+
+
+def cmd_import(args) -> None:
+    from models.weights import (WeightsError, build_vision_tower, check_keys, hf_text_model, hf_text_to_tower,
+                                infer_vit_shape, load_strict, load_weights, openai_clip_to_timm, read_hf_dir,
+                                save_weights, text_config_dict, timm_vit_to_tower, tower_to_hf_text,
+                                vision_config_dict)
+
+    _check_out_file(args.out)
+    fmt, k = args.format, args.drop_last_blocks
+    if k < 0:
+        raise UserError(f"--drop-last-blocks must be >= 0, got {k}")
+    if fmt in ("hf-bert", "hf-roberta"):
+        sd, hf_cfg = read_hf_dir(args.src)
+        want = fmt[3:]
+        if hf_cfg.get("model_type") != want:
+            raise UserError(f"{args.src}/config.json: model_type is {hf_cfg.get('model_type')!r}, not {want!r} "
+                            f"(use --format hf-{hf_cfg.get('model_type')})")
+        tower, dropped = hf_text_to_tower(sd)
+        if k:
+            n = hf_cfg["num_hidden_layers"]
+            if k >= n:
+                raise UserError(f"--drop-last-blocks {k} leaves no layer of {n}")
+            cut = sorted(x for x in tower if x.startswith("layers.") and int(x.split(".")[1]) >= n - k)
+            dropped += cut
+            for x in cut:
+                del tower[x]
+            hf_cfg = {**hf_cfg, "num_hidden_layers": n - k}
+        check_keys(tower_to_hf_text(tower), hf_text_model(hf_cfg).state_dict(),
+                   f"{args.src}: {fmt} weights vs a {want} model built from its config.json")
+        has_tok = any(os.path.isfile(os.path.join(args.src, n)) for n in ("tokenizer.json", "vocab.txt",
+                                                                             "vocab.json"))
+        src = os.path.abspath(args.src)
+        meta = {"kind": "text", "hf_config": hf_cfg, "text_config": text_config_dict(hf_cfg, src if not k else None),
+                "tokenizer": src if has_tok else "", "dropped": dropped, "source": src, "format_in": fmt}
+    else:
+        sd, _ = load_weights(args.src)
+        dropped = []
+        if fmt == "openai-clip":
+            try:
+                sd, dropped, heads = openai_clip_to_timm(sd)
+            except WeightsError as e:
+                raise UserError(f"{args.src}: {e}") from None
+            timm_name = args.timm_name or "vit_base_patch16_clip_quickgelu_224"
+            num_heads = args.num_heads or heads
+        else:
+            if not args.timm_name:
+                raise UserError("import --format timm-vit needs --timm-name: the timm architecture of these weights "
+                                "(e.g. vit_base_patch16_224, deit_small_patch16_224)")
+            timm_name, num_heads = args.timm_name, args.num_heads
+        try:
+            shape = infer_vit_shape(sd, args.src)
+            tower, more = timm_vit_to_tower(sd, shape["depth"], k, args.max_frames, args.image_size)
+        except WeightsError as e:
+            raise UserError(f"{args.src}: {e}") from None
+        dropped += more
+        vcfg = vision_config_dict(timm_name, shape, num_heads, args.image_size or shape["grid"] * shape["patch_size"],
+                                  k, args.max_frames)
+        try:
+            encoder = build_vision_tower(vcfg)
+        except ValueError as e:
+            raise UserError(f"--timm-name {timm_name}: {e}") from None
+        load_strict(encoder, tower, f"{args.src}: {fmt} weights vs our vision tower ({timm_name})")
+        meta = {"kind": "vision", "vision_config": vcfg, "dropped": dropped, "source": os.path.abspath(args.src),
+                "format_in": fmt}
+    save_weights(tower, args.out, meta)
+    _print_dropped(meta["dropped"], "not part of our tower")
+    cfg = meta.get("vision_config") or meta.get("text_config")
+    print(f"wrote {args.out}: {meta['kind']} tower, {len(tower)} tensors; tower config: {json.dumps(cfg)}")
+
+
+def cmd_export(args) -> None:
+    from models.weights import export_text_hf, export_vision_timm, split_prefix
+
+    sd, meta = load_input(args.input)
+    kind, tower = meta["kind"], args.tower
+    if kind == "vlp":
+        config = meta["config"]
+        tower_sd = split_prefix(sd, tower + ".")
+        if not tower_sd:
+            raise UserError(f"{args.input}: no {tower}.* tensors")
+        vision_cfg = config["model"]["vision"]
+        text_cfg = config["model"]["text"]
+        hf_cfg = meta.get("text_hf_config")
+        norm = NORMALIZE.get((config.get("data") or {}).get("normalize"))
+    elif kind == tower:
+        tower_sd, vision_cfg, norm = sd, meta.get("vision_config"), None
+        hf_cfg, text_cfg = meta.get("hf_config"), meta.get("text_config")
+    else:
+        raise UserError(f"{args.input}: holds a {kind} tower, not {tower!r} (--tower {kind})")
+    if tower == "vision":
+        dropped = export_vision_timm(tower_sd, vision_cfg, args.out_dir, norm)
+        _print_dropped(dropped, "timm ViTs have no temporal axis")
+        print(f"wrote {args.out_dir}: timm {vision_cfg['timm_name']}; load with "
+              f"timm.create_model('local-dir:{args.out_dir}', pretrained=True)")
+        return
+    hf_cfg = hf_cfg or text_hf_config(text_cfg)
+    if not hf_cfg:
+        raise UserError(f"{args.input}: the text tower's transformers config is not recorded and "
+                        f"model.text.pretrained={text_cfg.get('pretrained')!r} is not available here")
+    tokenizer = _tokenizer_dir(meta if kind == "text" else None, text_cfg if kind == "vlp" else None)
+    export_text_hf(tower_sd, hf_cfg, args.out_dir, tokenizer)
+    print(f"wrote {args.out_dir}: transformers {(hf_cfg or {}).get('model_type', 'bert')} model"
+          f"{' + tokenizer' if tokenizer else ' (no tokenizer: none recorded)'}; load with "
+          f"AutoModel.from_pretrained('{args.out_dir}', add_pooling_layer=False) (our tower has no pooler)")
+
+
+def _tokenizer_dir(meta, text_cfg) -> str | None:
+    from models.text import resolve_path
+
+    name = (meta or {}).get("tokenizer") or ((text_cfg or {}).get("tokenizer") or (text_cfg or {}).get("pretrained"))
+    if not name:
+        return None
+    try:
+        return resolve_path(name)
+    except (FileNotFoundError, ImportError):
+        print(f"note: tokenizer {name!r} is not available here; exported without tokenizer files")
+        return None
+
+
+def cmd_info(args) -> None:
+    sd, meta = load_input(args.input)
+    n = sum(v.numel() for v in sd.values())
+    print(f"{args.input}: kind {meta.get('kind')}, {len(sd)} tensors, {n / 1e6:.2f}M values")
+    for k in ("source", "zero_stage", "step", "stage", "format_in"):
+        if k in meta:
+            print(f"  {k}: {meta[k]}")
+    if meta.get("dropped"):
+        print(f"  dropped: {len(meta['dropped'])} tensors")
+    if "config" in meta:
+        import yaml
+
+        print(yaml.safe_dump({"model": meta["config"]["model"], "objectives": meta["config"].get("objectives")},
+                             sort_keys=False).rstrip())
+    for k in ("vision_config", "text_config"):
+        if k in meta:
+            print(f"  {k}: {json.dumps(meta[k])}")
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="train/convert_checkpoint.py", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    z = sub.add_parser("zero-to-fp32", help="DeepSpeed ZeRO checkpoint -> one fp32 safetensors file")
+    z.add_argument("ckpt", help="run dir, its checkpoints/ dir (uses `latest`) or a checkpoints/step_N dir")
+    z.add_argument("out", help="output .safetensors")
+    z.add_argument("--no-verify", action="store_true", help="skip the strict key check against a freshly built model")
+    z.set_defaults(fn=cmd_zero_to_fp32)
+
+    f = sub.add_parser("to-finetune", help="pretraining checkpoint -> fine-tuning init")
+    f.add_argument("input", help="a file from zero-to-fp32, or a DeepSpeed checkpoint dir")
+    f.add_argument("output", help="output .safetensors")
+    f.add_argument("--image-size", type=int, help="resample the position embedding to this resolution (pixels)")
+    f.add_argument("--num-frames", type=int, help="resize the temporal embedding for this many frames")
+    f.add_argument("--trained-frames", type=int,
+                   help="frames per video in pretraining (default: the run config's data.num_frames)")
+    f.add_argument("--drop", action="append", default=[], metavar="PREFIX",
+                   help=f"also drop parameters under this prefix (always dropped: {', '.join(PRETRAIN_ONLY)})")
+    f.add_argument("--no-verify", action="store_true", help="skip the strict key check against a freshly built model")
+    f.set_defaults(fn=cmd_to_finetune)
+
+    i = sub.add_parser("import", help="public weights -> one of our towers")
+    i.add_argument("--format", required=True, choices=["hf-bert", "hf-roberta", "timm-vit", "openai-clip"])
+    i.add_argument("src", help="transformers model dir (hf-*), or a state dict file .pth/.bin/.safetensors")
+    i.add_argument("out", help="output .safetensors")
+    i.add_argument("--drop-last-blocks", type=int, default=0, help="drop the last K transformer blocks/layers")
+    i.add_argument("--timm-name", help="timm architecture of the weights (timm-vit: required; openai-clip: default "
+                                        "vit_base_patch16_clip_quickgelu_224, sizes are taken from the weights)")
+    i.add_argument("--num-heads", type=int, help="attention heads (default: the timm model's; openai-clip: width/64)")
+    i.add_argument("--image-size", type=int, help="resample the position embedding to this resolution (pixels)")
+    i.add_argument("--max-frames", type=int, default=8, help="rows of the new temporal embedding (zeros)")
+    i.set_defaults(fn=cmd_import)
+
+    e = sub.add_parser("export", help="one of our towers -> timm / transformers")
+    e.add_argument("--tower", required=True, choices=["vision", "text"])
+    e.add_argument("input", help="a file this tool wrote (vlp or tower), or a DeepSpeed checkpoint dir")
+    e.add_argument("out_dir", help="new output directory")
+    e.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("info", help="what a file written by this tool holds")
+    s.add_argument("input")
+    s.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    from models.weights import WeightsError
+
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        args.fn(args)
+    except (UserError, WeightsError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
