@@ -42,6 +42,9 @@ class VisionConfig:
     drop_last_blocks: int = 0  # METER/SCL drop the last CLIP block
     max_frames: int = 8  # size of the temporal embedding table
     drop_path_rate: float = 0.0
+    # a vision-tower file written by `train/convert_checkpoint.py import` (timm ViT / OpenAI CLIP weights mapped to
+    # this tower); loaded strictly at build, position embeddings resampled to img_size. None = random init.
+    pretrained: Optional[str] = None
 
     def validate(self) -> None:
         if self.drop_last_blocks < 0:

@@ -36,11 +36,16 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, caption_ids: list) -
 
 
 @torch.no_grad()
-def zero_shot_retrieval(engine, loader) -> dict:
-    """Embed every eval sample with model.encode_image / encode_text and score retrieval both ways."""
+def zero_shot_retrieval(engine, loader, source_names: list[str] | None = None) -> dict:
+    """Embed every eval sample with model.encode_image / encode_text and score retrieval both ways.
+
+    Each eval source is its own retrieval pool (an image set and a video set are not ranked against each other):
+    with one source the keys are flat (i2t_r1, ...); with several they are prefixed by the source's name
+    (`coco_val/i2t_r1`, ...). Batches name their source in batch["source"] (index into source_names)."""
     model = engine.module
-    imgs, txts, caption_ids = [], [], []
+    pools: dict[int, tuple[list, list, list]] = {}
     for batch in loader:
+        imgs, txts, caption_ids = pools.setdefault(int(batch.get("source", 0)), ([], [], []))
         b = engine.to_device(batch)
         imgs.append(model.encode_image(b["pixel_values"]).float().cpu())
         txts.append(model.encode_text(b["input_ids"], b["attention_mask"]).float().cpu())
@@ -49,6 +54,9 @@ def zero_shot_retrieval(engine, loader) -> dict:
         else:
             for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
                 caption_ids.append(tuple(i for i, m in zip(ids, mask) if m))
-    if not imgs:
-        return {}
-    return retrieval_metrics(torch.cat(imgs), torch.cat(txts), caption_ids)
+    results = {src: retrieval_metrics(torch.cat(i), torch.cat(t), c) for src, (i, t, c) in sorted(pools.items())}
+    if len(results) <= 1:
+        return next(iter(results.values()), {})
+    names = source_names or []
+    return {f"{names[src] if src < len(names) else f'eval{src}'}/{k}": v
+            for src, metrics in results.items() for k, v in metrics.items()}

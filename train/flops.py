@@ -74,6 +74,11 @@ def prepare_model_config(cfg, log=print):
     """-> (model config, tokenizer); a text tower naming a missing local dir becomes a random init at its size."""
     from models.text import load_tokenizer
 
+    vision = cfg.model.vision
+    if vision.pretrained and not os.path.isfile(vision.pretrained):
+        log(f"note: model.vision.pretrained {vision.pretrained!r} is not a file: random init at the same size")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 vision=dataclasses.replace(vision, pretrained=None)))
     text = cfg.model.text
     name = text.pretrained if text.pretrained is not None else text.tokenizer
     if _is_local(text.pretrained) or (text.pretrained is None and _is_local(text.tokenizer)):

@@ -307,3 +307,66 @@ def test_script_exit_code_from_the_command_line(tmp_path):
                         str(tmp_path / "missing.safetensors"), str(tmp_path / "out")],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'missing.safetensors'}: no such file"
+
+
+def test_imported_vit_is_what_model_vision_pretrained_loads(tmp_path):
+    """The pretraining path: `import` a timm ViT, name the file in model.vision.pretrained, build the model."""
+    import dataclasses
+
+    import timm
+
+    from models.text import load_tokenizer
+    from models.vision import VisionConfig
+    from models.vlp import build_model
+    from train.config import load_config
+
+    torch.manual_seed(0)
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=0).eval()
+    torch.save(src.state_dict(), tmp_path / "vit.pth")
+    out = str(tmp_path / "vision.safetensors")
+    assert cc.main(["import", "--format", "timm-vit", "--timm-name", "vit_tiny_patch16_224", str(tmp_path / "vit.pth"),
+                    out]) == 0
+    cfg = load_config(TINY)
+    vcfg = VisionConfig(timm_name="vit_tiny_patch16_224", img_size=64, depth=2, pretrained=out)
+    tok = load_tokenizer(cfg.model.text)
+    model = build_model(dataclasses.replace(cfg.model, vision=vcfg), cfg.objectives, tok).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = src.forward_features(x)  # (B, 1 + P, D) after the final norm
+        got = model.vision(x[:, None]).tokens
+    assert (got - want).abs().max() <= TOL
+    # another resolution: the position embeddings are resampled at load, the rest is the same tensor
+    bigger = build_model(dataclasses.replace(cfg.model, vision=dataclasses.replace(vcfg, img_size=96)),
+                         cfg.objectives, tok)
+    assert bigger.vision.pos_embed.shape[1] == 1 + 6 * 6
+    assert torch.equal(bigger.vision.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
+    with pytest.raises(ValueError, match="not a vision-tower file"):
+        text_file = str(tmp_path / "t.safetensors")
+        from models.weights import save_weights
+        save_weights({"x": torch.zeros(1)}, text_file, {"kind": "text"})
+        build_model(dataclasses.replace(cfg.model, vision=dataclasses.replace(vcfg, pretrained=text_file)),
+                    cfg.objectives, tok)
+
+
+def test_model_vision_pretrained_drops_the_configured_last_blocks(tmp_path):
+    import dataclasses
+
+    import timm
+
+    from models.text import load_tokenizer
+    from models.vision import VisionConfig
+    from models.vlp import build_model
+    from train.config import load_config
+
+    torch.manual_seed(0)
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3, num_classes=0)
+    torch.save(src.state_dict(), tmp_path / "vit.pth")
+    out = str(tmp_path / "vision.safetensors")
+    assert cc.main(["import", "--format", "timm-vit", "--timm-name", "vit_tiny_patch16_224", str(tmp_path / "vit.pth"),
+                    out]) == 0
+    cfg = load_config(TINY)
+    vcfg = VisionConfig(timm_name="vit_tiny_patch16_224", img_size=64, depth=3, drop_last_blocks=1, pretrained=out)
+    model = build_model(dataclasses.replace(cfg.model, vision=vcfg), cfg.objectives, load_tokenizer(cfg.model.text))
+    assert len(model.vision.blocks) == 2
+    assert torch.equal(model.vision.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    assert torch.equal(model.vision.norm.weight, src.norm.weight)
