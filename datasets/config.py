@@ -3,7 +3,7 @@ YAML -> dataclass converter elsewhere can build them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 MODALITIES = ("image", "video")
 NORMALIZE = ("clip", "imagenet")
@@ -13,7 +13,9 @@ NORMALIZE = ("clip", "imagenet")
 class SourceConfig:
     shards: str  # brace pattern, e.g. "data/demo/train/images-{00000..00011}.tar"
     modality: Literal["image", "video"] = "image"
-    weight: float = 1.0  # relative sampling weight when several train sources are mixed
+    # relative sampling weight when several train sources are mixed; image and video sources may be mixed
+    # (a batch is single-modality, see datasets/loader.py)
+    weight: float = 1.0
 
     def validate(self, where: str = "source") -> None:
         if not isinstance(self.shards, str) or not self.shards.strip():
@@ -22,6 +24,18 @@ class SourceConfig:
             raise ValueError(f"{where}.modality must be one of {MODALITIES}, got {self.modality!r}")
         if not (isinstance(self.weight, (int, float)) and self.weight > 0):
             raise ValueError(f"{where}.weight must be a positive number, got {self.weight!r}")
+
+
+@dataclass
+class RandAugmentConfig:
+    num_ops: int = 2
+    magnitude: int = 9  # of torchvision's 31 bins (0..30)
+
+    def validate(self, where: str = "data.randaugment") -> None:
+        if not (isinstance(self.num_ops, int) and self.num_ops >= 1):
+            raise ValueError(f"{where}.num_ops must be an int >= 1, got {self.num_ops!r}")
+        if not (isinstance(self.magnitude, int) and 0 <= self.magnitude <= 30):
+            raise ValueError(f"{where}.magnitude must be an int in [0, 30], got {self.magnitude!r}")
 
 
 @dataclass
@@ -36,15 +50,18 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])
     hflip: bool = False  # captions with "left of" become wrong when flipped, so off by default
     normalize: Literal["clip", "imagenet"] = "clip"
+    # train shards drawn with replacement per worker, forever (no shard-count requirement) instead of epochs
+    resampled: bool = False
+    # abort when a worker's bad samples exceed this fraction, checked once it has read bad_check_min_samples
+    max_bad_fraction: float = 0.1
+    bad_check_min_samples: int = 1000
+    randaugment: Optional[RandAugmentConfig] = None  # train images only, e.g. {num_ops: 2, magnitude: 9}
+    mlm_probability: Optional[float] = None  # set -> train batches also carry mlm_input_ids / mlm_labels
 
     def validate(self) -> "DataConfig":
         for name, sources in (("train", self.train), ("eval", self.eval)):
             for i, s in enumerate(sources):
                 s.validate(f"data.{name}[{i}]")
-            modalities = {s.modality for s in sources}
-            if len(modalities) > 1:
-                raise ValueError(f"data.{name} mixes modalities {sorted(modalities)}; all sources of one run "
-                                 "must share one modality for now")
         if not (isinstance(self.image_size, int) and self.image_size > 0):
             raise ValueError(f"data.image_size must be a positive int, got {self.image_size!r}")
         if not (isinstance(self.num_frames, int) and self.num_frames > 0):
@@ -63,4 +80,19 @@ class DataConfig:
             raise ValueError(f"data.hflip must be a bool, got {self.hflip!r}")
         if self.normalize not in NORMALIZE:
             raise ValueError(f"data.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        if not isinstance(self.resampled, bool):
+            raise ValueError(f"data.resampled must be a bool, got {self.resampled!r}")
+        if not (isinstance(self.max_bad_fraction, (int, float)) and 0 <= self.max_bad_fraction <= 1):
+            raise ValueError(f"data.max_bad_fraction must be a number in [0, 1], got {self.max_bad_fraction!r}")
+        if not (isinstance(self.bad_check_min_samples, int) and self.bad_check_min_samples >= 1):
+            raise ValueError(f"data.bad_check_min_samples must be an int >= 1, got {self.bad_check_min_samples!r}")
+        if isinstance(self.randaugment, dict):  # built directly from a plain dict (not via the YAML loader)
+            self.randaugment = RandAugmentConfig(**self.randaugment)
+        if self.randaugment is not None:
+            if not isinstance(self.randaugment, RandAugmentConfig):
+                raise ValueError(f"data.randaugment must be null or {{num_ops, magnitude}}, got {self.randaugment!r}")
+            self.randaugment.validate()
+        p = self.mlm_probability
+        if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1):
+            raise ValueError(f"data.mlm_probability must be null or a number in (0, 1), got {p!r}")
         return self

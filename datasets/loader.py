@@ -1,19 +1,32 @@
-"""Webdataset train / eval loaders with exact, decode-free resume.
+"""Webdataset train / eval loaders: weighted image + video mixing, exact resume that seeks instead of replaying.
 
 How the train stream is laid out (per rank r of R, DataLoader worker w of W, global worker g = r*W + w):
-  * epoch e of a source: the source's shard list is permuted with seed (seed, source, e) - the same on every
-    rank - and worker g reads shards perm[g::R*W]; so ranks and workers never share a shard in an epoch.
-  * the worker's raw samples (undecoded bytes) pass a reservoir shuffle seeded by (seed, r, w, source, e);
-    the i-th sample out of it in epoch e has *position* i. Every worker cycles its own epochs forever.
-  * the crop / frame choice of a sample is seeded by (seed, r, w, source, e, position), so it does not
-    depend on what was decoded before it.
-  * batches are made inside the worker (fixed size; a bad sample is skipped and counted), and each batch
-    carries the worker's (epoch, position) after it. The DataLoader hands batches out in worker round-robin.
+  * shards: epoch e of source s permutes the source's shards with seed (seed, s, e) - the same on every rank -
+    and worker g reads perm[g::R*W], so ranks and workers never share a shard in an epoch (fewer shards than
+    R*W is an error). With `data.resampled` worker g instead reads, as its k-th shard, one drawn with
+    replacement by an rng seeded by (seed, s, g, k): an endless stream, any shard count.
+  * each (worker, source) passes its raw samples (undecoded bytes) through a reservoir shuffle of
+    `data.shuffle_buffer` samples driven by an rng seeded by (seed, r, w, s, e); the i-th sample out of it in
+    epoch e has *position* i.
+  * the crop / flip / RandAugment / frame choice of a sample is seeded by (seed, r, w, s, e, position), so it
+    does not depend on what was decoded before it.
+  * batches are made inside the worker (fixed size; a bad sample is skipped, counted, and replaced). The
+    DataLoader hands batches out in worker round-robin, so logical worker w's j-th batch is this rank's
+    global batch n = j*W + w.
+  * mixing: a batch is single-modality. The modality of global batch n is drawn by an rng seeded by
+    (seed, n) - identical on every rank, so all ranks run the same frame count in a step (the model gathers
+    features across ranks) - with probability proportional to the summed weights of that modality's sources.
+    Inside the batch each sample's source is drawn by weight among that modality's sources (rng seeded by
+    (seed, r, n)). Image batches are (B, 1, 3, H, W), video batches (B, data.num_frames, 3, H, W); every batch
+    carries "modality" ("image" | "video").
 
-State = for each worker, (epoch, position) per source after the last batch the *consumer* received, plus
-the number of batches consumed. Resume rebuilds each worker at its (epoch, position): the raw tar stream and
-the shuffle are replayed and the first `position` samples dropped before any decode; the worker that the
-uninterrupted loader would have asked next is made DataLoader worker 0 (the logical ids are rotated).
+Resume: after every batch the worker reports its state: per source the epoch, the shard cursor, the byte
+offset of the next unread sample in that shard, the shuffle buffer as (shard, byte offset) references in buffer
+order, and the shuffle rng state; plus its batch count and bad-sample counters. `state_dict()` holds that for
+the last batch the *consumer* received. Resume seeks every source to its offset and re-reads the buffered
+samples by offset, so its cost is one shuffle buffer per source, whatever the position in the epoch. `pipe:`
+URLs cannot seek: there the command is re-run and read through up to the offset. The worker that the
+uninterrupted loader would have asked next becomes DataLoader worker 0 (logical ids are rotated).
 """
 from __future__ import annotations
 
@@ -22,24 +35,27 @@ import copy
 import logging
 import os
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import DataConfig, SourceConfig
-from .shards import expand_shards, raw_samples, shuffled
-from .text import clean_caption, tokenize
+from .config import MODALITIES, DataConfig, SourceConfig
+from .shards import TarError, expand_shards, iter_samples, read_samples_at
+from .text import clean_caption, mlm_mask, special_token_info, tokenize
 from .transforms import ClipTransform, ImageTransform
 from .video import decode_clip
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi")
 MAX_CONSECUTIVE_BAD = 1000  # a worker that meets this many bad samples in a row is reading garbage
+LOG_FIRST_BAD = 10  # bad samples logged one by one per worker; after that one line per LOG_BAD_EVERY
+LOG_BAD_EVERY = 1000
+KEEP_WORST_SHARDS = 20  # per worker, bounds the state size
 
 
 class BadSample(Exception):
@@ -48,12 +64,13 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def _modality(sources: list[SourceConfig], what: str) -> str:
-    mods = {s.modality for s in sources}
-    if len(mods) != 1:
-        raise ValueError(f"data.{what} mixes modalities {sorted(mods)}; all sources of one run must share one "
-                         "modality for now")
-    return mods.pop()
+def media_modality(raw: dict) -> str | None:
+    """Which modality a raw sample holds, judged by its member extensions (None: neither)."""
+    if any(e in raw for e in IMAGE_EXTS):
+        return "image"
+    if any(e in raw for e in VIDEO_EXTS):
+        return "video"
+    return None
 
 
 class SampleDecoder:
@@ -61,23 +78,26 @@ class SampleDecoder:
 
     def __init__(self, cfg: DataConfig, modality: str, train: bool):
         self.modality, self.train, self.num_frames = modality, train, cfg.num_frames
-        tf = ImageTransform if modality == "image" else ClipTransform
-        self.tf = tf(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.normalize, train)
+        if modality == "image":
+            self.tf = ImageTransform(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.normalize, train,
+                                     cfg.randaugment)
+        else:
+            self.tf = ClipTransform(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.normalize, train)
 
     def __call__(self, raw: dict, rng: random.Random | None) -> tuple[torch.Tensor, str]:
+        exts = IMAGE_EXTS if self.modality == "image" else VIDEO_EXTS
+        data = next((raw[e] for e in exts if e in raw), None)
+        if data is None:
+            raise BadSample(f"missing_{self.modality}")
         txt = raw.get("txt")
         if txt is None:
             raise BadSample("missing_txt")
         try:
             caption = clean_caption(txt.decode("utf-8"))
         except UnicodeDecodeError:
-            raise BadSample("bad_txt") from None
+            raise BadSample("non_utf8_caption") from None
         if not caption:
             raise BadSample("empty_caption")
-        exts = IMAGE_EXTS if self.modality == "image" else VIDEO_EXTS
-        data = next((raw[e] for e in exts if e in raw), None)
-        if data is None:
-            raise BadSample(f"missing_{self.modality}")
         try:  # decoders raise a zoo of types (OSError, SyntaxError, DECORDError, ...) on broken bytes
             if self.modality == "image":
                 px = self.tf(data, rng)
@@ -88,16 +108,197 @@ class SampleDecoder:
         return px, caption
 
 
+class BadSampleTooMany(RuntimeError):
+    pass
+
+
+class _BadLog:
+    """One worker's bad-sample bookkeeping: counts by reason and by shard, rate-limited log, abort threshold."""
+
+    def __init__(self, cfg: DataConfig, where: str, state: dict | None = None):
+        state = state or {}
+        self.cfg, self.where = cfg, where
+        self.read = int(state.get("read", 0))
+        self.reasons = Counter(state.get("bad", {}))
+        self.shards = Counter(state.get("bad_shards", {}))
+        self.example = state.get("example")
+        self.run = 0
+
+    def good(self) -> None:
+        self.read += 1
+        self.run = 0
+        self.check()
+
+    def bad(self, reason: str, url: str, key: str) -> None:
+        self.read += 1
+        self.run += 1
+        self.reasons[reason] += 1
+        self.shards[url] += 1
+        self.example = self.example or [url, key, reason]
+        total = sum(self.reasons.values())
+        if total <= LOG_FIRST_BAD or total % LOG_BAD_EVERY == 0:
+            log.warning("%s: skipping bad sample %s in %s: %s (%d bad so far: %s)", self.where, key, url, reason,
+                        total, dict(self.reasons))
+        if self.run >= MAX_CONSECUTIVE_BAD:
+            raise BadSampleTooMany(f"{self.where}: {self.run} bad samples in a row (last {key} in {url}: {reason}); "
+                                   f"bad by reason {dict(self.reasons)}")
+        self.check()
+
+    def check(self) -> None:
+        bad = sum(self.reasons.values())
+        if self.read >= self.cfg.bad_check_min_samples and bad > self.cfg.max_bad_fraction * self.read:
+            top = ", ".join(f"{r} {n}" for r, n in self.reasons.most_common(3))
+            url, key, reason = self.example
+            raise BadSampleTooMany(
+                f"{self.where}: {bad} of {self.read} samples read were bad ({bad / self.read:.1%} > "
+                f"data.max_bad_fraction {self.cfg.max_bad_fraction}); top reasons: {top}; e.g. key {key!r} in "
+                f"{url} ({reason}). Fix or drop the shards (python datasets/inspect_shards.py lists them) or raise "
+                "data.max_bad_fraction")
+
+    def state(self) -> dict:
+        return {"read": self.read, "bad": dict(self.reasons),
+                "bad_shards": dict(self.shards.most_common(KEEP_WORST_SHARDS)), "example": self.example}
+
+
+def _rng_state(rng: random.Random) -> list:
+    v, internal, gauss = rng.getstate()
+    return [v, list(internal), gauss]
+
+
+def _set_rng_state(rng: random.Random, st: list) -> None:
+    rng.setstate((st[0], tuple(st[1]), st[2]))  # tuples: the state may have gone through JSON
+
+
+class _Source:
+    """One train source as read by one logical worker: shard order, byte cursor and shuffle buffer, all of
+    it restorable from `state()` without reading consumed data."""
+
+    def __init__(self, urls: list[str], si: int, rank: int, w: int, g: int, G: int, seed: int, bufsize: int,
+                 resampled: bool, badlog: _BadLog, state: dict | None):
+        self.urls, self.si, self.rank, self.w, self.g, self.G = urls, si, rank, w, g, G
+        self.seed, self.bufsize, self.resampled, self.badlog = seed, max(1, bufsize), resampled, badlog
+        self.rng = random.Random()
+        self._it = None  # open shard reader
+        self._pending_refs = None
+        if state is None:
+            self._start_epoch(0)
+        else:
+            self.epoch, self.k, self.offset = state["epoch"], state["k"], state["offset"]
+            self.pos, self.exhausted = state["pos"], state["exhausted"]
+            self.order = self._order(self.epoch)
+            _set_rng_state(self.rng, state["rng"])
+            self.buf = []
+            self._pending_refs = [tuple(r) for r in state["buf"]]  # re-read on first use, by offset
+
+    def _order(self, epoch: int) -> list[int]:
+        if self.resampled:
+            return []
+        perm = list(range(len(self.urls)))
+        random.Random(f"shards-{self.seed}-{self.si}-{epoch}").shuffle(perm)  # same on every rank
+        return perm[self.g::self.G]
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch, self.k, self.offset, self.pos, self.exhausted, self.buf = epoch, 0, 0, 0, False, []
+        self.order = self._order(epoch)
+        self.rng.seed(f"shuffle-{self.seed}-{self.rank}-{self.w}-{self.si}-{epoch}")
+
+    def _shard(self, k: int) -> int | None:
+        if self.resampled:
+            return random.Random(f"resample-{self.seed}-{self.si}-{self.g}-{k}").randrange(len(self.urls))
+        return self.order[k] if k < len(self.order) else None
+
+    def _refill_buffer(self) -> None:
+        by_shard = defaultdict(list)
+        for shard, off in self._pending_refs:
+            by_shard[shard].append(off)
+        got = {shard: read_samples_at(self.urls[shard], offs, shard) for shard, offs in by_shard.items()}
+        self.buf = [got[shard][off] for shard, off in self._pending_refs]
+        self._pending_refs = None
+
+    def _read_one(self) -> dict | None:
+        """Next raw sample in shard order, None when this epoch's shards are used up."""
+        empty_run = 0
+        while True:
+            if self._it is None:
+                shard = self._shard(self.k)
+                if shard is None:
+                    self.exhausted = True
+                    return None
+                if empty_run > 10 * len(self.urls) + 100:  # resampled mode never runs out: avoid a silent hang
+                    raise RuntimeError(f"worker {self.g} (rank {self.rank}): {empty_run} shards in a row held no "
+                                       f"readable samples, e.g. {self.urls[shard]}")
+                self._it = iter_samples(self.urls[shard], self.offset, shard)
+                empty_run += 1
+            try:
+                raw, self.offset = next(self._it)
+                return raw
+            except StopIteration:
+                pass
+            except TarError as e:  # the rest of the shard is unreadable: skip it, count it once
+                self.badlog.bad(e.reason, e.url, f"@byte{e.offset}")
+            self._it.close()
+            self._it, self.k, self.offset = None, self.k + 1, 0
+
+    def _emit(self, raw: dict) -> tuple[int, int, dict]:
+        self.pos += 1
+        return self.epoch, self.pos, raw
+
+    def next(self) -> tuple[int, int, dict]:
+        """(epoch, position, raw sample): a reservoir shuffle whose every step is checkpointable."""
+        if self._pending_refs is not None:
+            self._refill_buffer()
+        while True:
+            raw = None if self.exhausted else self._read_one()
+            if raw is not None:
+                if self.bufsize <= 1:
+                    return self._emit(raw)
+                if len(self.buf) < self.bufsize:
+                    self.buf.append(raw)
+                    continue
+                k = self.rng.randrange(self.bufsize)
+                self.buf[k], raw = raw, self.buf[k]
+                return self._emit(raw)
+            if self.buf:  # epoch input done: drain the buffer in random order
+                return self._emit(self.buf.pop(self.rng.randrange(len(self.buf))))
+            if self.pos == 0:
+                raise RuntimeError(f"worker {self.g} (rank {self.rank}): shards "
+                                   f"{[self.urls[i] for i in self.order]} hold no readable samples")
+            self._start_epoch(self.epoch + 1)
+
+    def state(self) -> dict:
+        refs = self._pending_refs if self._pending_refs is not None else \
+            [(r["__shard__"], r["__offset__"]) for r in self.buf]
+        return {"epoch": self.epoch, "k": self.k, "offset": self.offset, "pos": self.pos,
+                "exhausted": self.exhausted, "buf": [list(r) for r in refs], "rng": _rng_state(self.rng)}
+
+
+def _cumulative(weights: list[float]) -> list[float]:
+    out, t = [], 0.0
+    for w in weights:
+        t += w
+        out.append(t)
+    return out
+
+
+def _draw(cum: list[float], rng: random.Random) -> int:
+    return min(bisect.bisect_right(cum, rng.random() * cum[-1]), len(cum) - 1)
+
+
 class _TrainStream(IterableDataset):
     """One rank's infinite batch stream; each DataLoader worker runs `_worker(logical_id)`."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, shard_lists: list[list[str]], weights: list[float],
-                 modality: str, micro_batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, cfg: DataConfig, tokenizer, shard_lists: list[list[str]], sources: list[SourceConfig],
+                 micro_batch_size: int, rank: int, world_size: int, seed: int):
         self.cfg, self.tokenizer, self.shard_lists = cfg, tokenizer, shard_lists
-        self.cum_weights = [sum(weights[: i + 1]) for i in range(len(weights))]
-        self.decoder = SampleDecoder(cfg, modality, train=True)
         self.B, self.rank, self.world_size, self.seed = micro_batch_size, rank, world_size, seed
         self.W = max(1, cfg.num_workers)
+        self.by_modality = {m: [i for i, s in enumerate(sources) if s.modality == m] for m in MODALITIES}
+        self.by_modality = {m: idx for m, idx in self.by_modality.items() if idx}
+        self.mod_names = list(self.by_modality)
+        self.mod_cum = _cumulative([sum(sources[i].weight for i in idx) for idx in self.by_modality.values()])
+        self.src_cum = {m: _cumulative([sources[i].weight for i in idx]) for m, idx in self.by_modality.items()}
+        self.decoders = {m: SampleDecoder(cfg, m, train=True) for m in self.by_modality}
+        self.mlm_info = special_token_info(tokenizer) if cfg.mlm_probability is not None else None
         self.start: list = [None] * self.W  # per logical worker state to resume from (set by TrainLoader)
         self.rotation = 0  # DataLoader worker k runs logical worker (k + rotation) % W
 
@@ -106,58 +307,48 @@ class _TrainStream(IterableDataset):
         phys = info.id if info is not None else 0
         return self._worker((phys + self.rotation) % self.W)
 
-    def _source(self, si: int, w: int, epoch: int, skip: int) -> Iterator[tuple[int, int, dict]]:
-        g, G = self.rank * self.W + w, self.world_size * self.W
-        while True:
-            urls = list(self.shard_lists[si])
-            random.Random(f"shards-{self.seed}-{si}-{epoch}").shuffle(urls)  # same on every rank
-            rng = random.Random(f"shuffle-{self.seed}-{self.rank}-{w}-{si}-{epoch}")
-            pos = 0
-            for raw in shuffled(raw_samples(urls[g::G]), self.cfg.shuffle_buffer, rng):
-                pos += 1
-                if pos > skip:  # resume: consumed samples are dropped here, still undecoded
-                    yield epoch, pos, raw
-            if pos == 0:
-                raise RuntimeError(f"rank {self.rank} worker {w}: shards {urls[g::G]} hold no samples")
-            epoch, skip = epoch + 1, 0
-
-    def _pick(self, w: int, draw: int) -> int:
-        if len(self.cum_weights) == 1:
-            return 0
-        u = random.Random(f"mix-{self.seed}-{self.rank}-{w}-{draw}").random() * self.cum_weights[-1]
-        return min(bisect.bisect_right(self.cum_weights, u), len(self.cum_weights) - 1)
+    def batch_modality(self, n: int) -> str:
+        """Modality of this rank's global batch n: a function of (seed, n) only, so the same on every rank."""
+        if len(self.mod_names) == 1:
+            return self.mod_names[0]
+        return self.mod_names[_draw(self.mod_cum, random.Random(f"modality-{self.seed}-{n}"))]
 
     def _worker(self, w: int) -> Iterator[dict]:
-        st = copy.deepcopy(self.start[w]) or {"sources": [[0, 0] for _ in self.shard_lists], "draws": 0, "bad": {}}
-        positions, draws, bad = st["sources"], st["draws"], Counter(st["bad"])
-        streams = [self._source(si, w, ep, pos) for si, (ep, pos) in enumerate(positions)]
-        pix, caps, keys, bad_run = [], [], [], 0
+        st = copy.deepcopy(self.start[w]) or {"sources": [None] * len(self.shard_lists), "batches": 0}
+        g, G = self.rank * self.W + w, self.world_size * self.W
+        badlog = _BadLog(self.cfg, f"train rank {self.rank} worker {w}", st)
+        sources = [_Source(urls, si, self.rank, w, g, G, self.seed, self.cfg.shuffle_buffer, self.cfg.resampled,
+                           badlog, st["sources"][si]) for si, urls in enumerate(self.shard_lists)]
+        j = st["batches"]
         while True:
-            si = self._pick(w, draws)
-            epoch, pos, raw = next(streams[si])
-            positions[si], draws = [epoch, pos], draws + 1
-            rng = random.Random(f"aug-{self.seed}-{self.rank}-{w}-{si}-{epoch}-{pos}")
-            try:
-                px, cap = self.decoder(raw, rng)
-            except BadSample as b:
-                bad[b.reason] += 1
-                bad_run += 1
-                if sum(bad.values()) <= 5:
-                    log.warning("skipping bad sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), b.reason)
-                if bad_run >= MAX_CONSECUTIVE_BAD:
-                    raise RuntimeError(f"{bad_run} bad samples in a row (last {raw.get('__url__')}): {dict(bad)}")
-                continue
-            bad_run = 0
-            pix.append(px)
-            caps.append(cap)
-            keys.append(raw["__key__"])
-            if len(pix) == self.B:
-                batch = {"pixel_values": torch.stack(pix), **tokenize(self.tokenizer, caps, self.cfg.max_text_len),
-                         "__key__": keys,
-                         "__state__": {"worker": w, "sources": copy.deepcopy(positions), "draws": draws,
-                                       "bad": dict(bad)}}
-                pix, caps, keys = [], [], []
-                yield batch
+            n = j * self.W + w
+            modality = self.batch_modality(n)
+            idx, cum, decoder = self.by_modality[modality], self.src_cum[modality], self.decoders[modality]
+            mix = random.Random(f"mix-{self.seed}-{self.rank}-{n}")
+            pix, caps, keys = [], [], []
+            while len(pix) < self.B:
+                si = idx[_draw(cum, mix)] if len(idx) > 1 else idx[0]
+                epoch, pos, raw = sources[si].next()
+                rng = random.Random(f"aug-{self.seed}-{self.rank}-{w}-{si}-{epoch}-{pos}")
+                try:
+                    px, cap = decoder(raw, rng)
+                except BadSample as b:
+                    badlog.bad(b.reason, raw["__url__"], raw["__key__"])
+                    continue
+                badlog.good()
+                pix.append(px)
+                caps.append(cap)
+                keys.append(raw["__key__"])
+            j += 1
+            batch = {"pixel_values": torch.stack(pix), **tokenize(self.tokenizer, caps, self.cfg.max_text_len),
+                     "__key__": keys, "modality": modality}
+            if self.mlm_info is not None:
+                gen = torch.Generator().manual_seed(random.Random(f"mlm-{self.seed}-{self.rank}-{n}").getrandbits(63))
+                batch["mlm_input_ids"], batch["mlm_labels"] = mlm_mask(
+                    batch["input_ids"], batch["attention_mask"], self.mlm_info, self.cfg.mlm_probability, gen)
+            batch["__state__"] = {"worker": w, "batches": j, "sources": [s.state() for s in sources],
+                                  **badlog.state()}
+            yield batch
 
 
 class TrainLoader:
@@ -171,7 +362,8 @@ class TrainLoader:
         self.num_workers = stream.cfg.num_workers
         self._meta = {"version": STATE_VERSION, "rank": stream.rank, "world_size": stream.world_size,
                       "num_workers": self.num_workers, "micro_batch_size": stream.B, "seed": stream.seed,
-                      "shards": [len(s) for s in stream.shard_lists], "patterns": list(patterns)}
+                      "shards": [len(s) for s in stream.shard_lists], "resampled": stream.cfg.resampled,
+                      "shuffle_buffer": stream.cfg.shuffle_buffer, "patterns": list(patterns)}
         self._batches = 0
         self._workers: list = [None] * stream.W
 
@@ -187,7 +379,7 @@ class TrainLoader:
                                  in_order=True))
         for batch in it:
             st = batch.pop("__state__")
-            self._workers[st["worker"]] = {k: st[k] for k in ("sources", "draws", "bad")}
+            self._workers[st.pop("worker")] = st
             self._batches += 1
             yield batch
 
@@ -196,23 +388,29 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} != {STATE_VERSION}")
+            raise ValueError(f"loader state version {state.get('version')!r} != {STATE_VERSION} (saved by another "
+                             "version of datasets/loader.py); exact resume is not possible from it")
         for k, v in self._meta.items():
             if k != "patterns" and state.get(k) != v:
                 raise ValueError(f"loader state was saved with {k}={state.get(k)!r} but this loader has {k}={v!r}; "
-                                 "exact resume needs the same ranks, workers, batch size, seed and shards")
+                                 "exact resume needs the same ranks, workers, batch size, seed, shuffle buffer "
+                                 "and shards")
         if len(state["workers"]) != self.stream.W:
             raise ValueError("loader state has a different number of workers")
         self._batches = int(state["batches"])
         self._workers = copy.deepcopy(state["workers"])
 
     def stats(self) -> dict:
-        """Batches consumed and bad samples skipped (by reason) on this rank, as of the last consumed batch."""
-        bad = Counter()
+        """As of the last consumed batch on this rank: batches, samples read, bad samples by reason and the
+        shards with the most bad samples."""
+        bad, shards, read = Counter(), Counter(), 0
         for w in self._workers:
             if w:
                 bad.update(w["bad"])
-        return {"batches": self._batches, "bad_samples": sum(bad.values()), "bad_by_reason": dict(bad)}
+                shards.update(w["bad_shards"])
+                read += w["read"]
+        return {"batches": self._batches, "samples_read": read, "bad_samples": sum(bad.values()),
+                "bad_by_reason": dict(bad), "worst_shards": shards.most_common(5)}
 
 
 def build_train_loader(data_cfg: DataConfig, tokenizer, *, micro_batch_size: int, rank: int, world_size: int,
@@ -224,56 +422,65 @@ def build_train_loader(data_cfg: DataConfig, tokenizer, *, micro_batch_size: int
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    modality = _modality(data_cfg.train, "train")
     # the fast tokenizer would otherwise warn (and disable itself) in forked workers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     need = world_size * max(1, data_cfg.num_workers)
     shard_lists = []
     for src in data_cfg.train:
         urls = expand_shards(src.shards)
-        if len(urls) < need:
+        if len(urls) < need and not data_cfg.resampled:
             raise ValueError(f"shard pattern {src.shards!r} has {len(urls)} shards, fewer than world_size x "
                              f"max(1, num_workers) = {world_size} x {max(1, data_cfg.num_workers)} = {need}; "
-                             "every DataLoader worker on every rank needs at least one shard")
+                             "every DataLoader worker on every rank needs at least one shard (or set "
+                             "data.resampled: true)")
         shard_lists.append(urls)
-    stream = _TrainStream(data_cfg, tokenizer, shard_lists, [s.weight for s in data_cfg.train], modality,
-                          micro_batch_size, rank, world_size, seed)
+    stream = _TrainStream(data_cfg, tokenizer, shard_lists, list(data_cfg.train), micro_batch_size, rank,
+                          world_size, seed)
     return TrainLoader(stream, [s.shards for s in data_cfg.train])
 
 
 class EvalLoader:
     """Finite, fixed order (sources in order, shards in pattern order, tar order), every sample once, the last
-    partial batch kept. Single process, so identical on every rank. Adds `caption` (cleaned strings)."""
+    partial batch of each source kept. A batch never mixes sources: it carries "source" (index into data.eval)
+    and "modality". Single process, so identical on every rank. Adds `caption` (cleaned strings)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, shard_lists: list[list[str]], modality: str, batch_size: int):
+    def __init__(self, cfg: DataConfig, tokenizer, shard_lists: list[list[str]], modalities: list[str],
+                 batch_size: int):
         self.cfg, self.tokenizer, self.shard_lists, self.batch_size = cfg, tokenizer, shard_lists, batch_size
-        self.decoder = SampleDecoder(cfg, modality, train=False)
+        self.modalities = modalities
+        self.decoders = {m: SampleDecoder(cfg, m, train=False) for m in set(modalities)}
         self.bad: Counter = Counter()
 
     def __iter__(self) -> Iterator[dict]:
         self.bad = Counter()
-        pix, caps, keys = [], [], []
-        for urls in self.shard_lists:
-            for raw in raw_samples(urls):
+        badlog = _BadLog(self.cfg, "eval")
+        for si, (urls, modality) in enumerate(zip(self.shard_lists, self.modalities)):
+            pix, caps, keys = [], [], []
+            for shard, url in enumerate(urls):
                 try:
-                    px, cap = self.decoder(raw, None)
-                except BadSample as b:
-                    self.bad[b.reason] += 1
-                    log.warning("eval: skipping bad sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"),
-                                b.reason)
-                    continue
-                pix.append(px)
-                caps.append(cap)
-                keys.append(raw["__key__"])
-                if len(pix) == self.batch_size:
-                    yield self._batch(pix, caps, keys)
-                    pix, caps, keys = [], [], []
-        if pix:
-            yield self._batch(pix, caps, keys)
+                    for raw, _ in iter_samples(url, 0, shard):
+                        try:
+                            px, cap = self.decoders[modality](raw, None)
+                        except BadSample as b:
+                            self.bad[b.reason] += 1
+                            badlog.bad(b.reason, url, raw["__key__"])
+                            continue
+                        badlog.good()
+                        pix.append(px)
+                        caps.append(cap)
+                        keys.append(raw["__key__"])
+                        if len(pix) == self.batch_size:
+                            yield self._batch(pix, caps, keys, si, modality)
+                            pix, caps, keys = [], [], []
+                except TarError as e:
+                    self.bad[e.reason] += 1
+                    badlog.bad(e.reason, url, f"@byte{e.offset}")
+            if pix:
+                yield self._batch(pix, caps, keys, si, modality)
 
-    def _batch(self, pix, caps, keys) -> dict:
+    def _batch(self, pix, caps, keys, si, modality) -> dict:
         return {"pixel_values": torch.stack(pix), **tokenize(self.tokenizer, caps, self.cfg.max_text_len),
-                "__key__": keys, "caption": caps}
+                "__key__": keys, "caption": caps, "source": si, "modality": modality}
 
 
 def build_eval_loader(data_cfg: DataConfig, tokenizer, *, batch_size: int) -> EvalLoader:
@@ -282,5 +489,5 @@ def build_eval_loader(data_cfg: DataConfig, tokenizer, *, batch_size: int) -> Ev
         raise ValueError("data.eval lists no sources")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    modality = _modality(data_cfg.eval, "eval")
-    return EvalLoader(data_cfg, tokenizer, [expand_shards(s.shards) for s in data_cfg.eval], modality, batch_size)
+    return EvalLoader(data_cfg, tokenizer, [expand_shards(s.shards) for s in data_cfg.eval],
+                      [s.modality for s in data_cfg.eval], batch_size)

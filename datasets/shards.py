@@ -1,41 +1,262 @@
-"""Shard pattern expansion and the raw (undecoded) sample stream, built on webdataset's tar reader."""
+"""Shard pattern expansion and an offset-aware tar reader.
+
+Why our own reader: exact resume must restart a shard in the middle without reading what came before, so a
+raw sample remembers the byte offset of its first tar header (`__offset__`) and the reader can start at any
+such offset. It parses the 512-byte headers that python's tarfile / webdataset's TarWriter / img2dataset write:
+ustar (name + prefix), GNU longname ('L') and pax ('x', path/size). Members are grouped into samples the way
+webdataset does (key = path up to the first dot of the basename, extension lower-cased).
+
+URLs are local paths or `pipe:CMD` (CMD's stdout is read as the tar stream; a non-zero exit status is an
+error naming the URL). A pipe cannot seek: starting it at an offset reads through the bytes before it.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import re
+import subprocess
+import tempfile
 from typing import Iterator
 
 import braceexpand
-from webdataset import tariterators
+
+BLOCK = 512
+_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_READ_CHUNK = 1 << 20
+
+
+class TarError(Exception):
+    """A shard that cannot be read on: `reason` is "truncated_tar" or "corrupt_tar"."""
+
+    def __init__(self, reason: str, url: str, offset: int, detail: str):
+        super().__init__(f"{reason} in {url} at byte {offset}: {detail}")
+        self.reason, self.url, self.offset = reason, url, offset
+
+
+class PipeError(RuntimeError):
+    pass
+
+
+def is_pipe(url: str) -> bool:
+    return url.startswith("pipe:")
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """Brace-expand `pattern` (several patterns may be joined with '::', as in open_clip); every file must
-    exist. Raises naming the pattern when nothing matches or some files are missing."""
+    """Brace-expand `pattern` (several patterns may be joined with '::', as in open_clip); every local file
+    must exist (`pipe:` URLs are not checked). Raises naming the pattern when nothing matches or files are missing."""
     urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part.strip())]
-    found = [u for u in urls if os.path.isfile(u)]
-    if not found:
+    local = [u for u in urls if not is_pipe(u)]
+    found = [u for u in local if os.path.isfile(u)]
+    if local and not found:
         raise FileNotFoundError(f"shard pattern {pattern!r} matches no file (expanded to {len(urls)} names, "
-                                f"e.g. {urls[0]!r}); did you generate the data?")
-    if len(found) != len(urls):
-        missing = [u for u in urls if u not in set(found)]
+                                f"e.g. {local[0]!r}); did you generate the data?")
+    if len(found) != len(local):
+        found_set = set(found)
+        missing = [u for u in local if u not in found_set]
         raise FileNotFoundError(f"shard pattern {pattern!r}: {len(missing)} of {len(urls)} files are missing, "
                                 f"e.g. {missing[0]!r}")
     return urls
 
 
+class _PipeFile:
+    """Read-only, forward-only file over a subprocess's stdout; `seek` forward reads through."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty stderr can never block the command
+        self._proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=self._err)
+        self._pos = 0
+
+    def read(self, n: int) -> bytes:
+        data = self._proc.stdout.read(n)
+        self._pos += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int) -> None:
+        if offset < self._pos:
+            raise OSError(f"{self.url}: cannot seek back in a pipe")
+        while self._pos < offset:
+            if not self.read(min(_READ_CHUNK, offset - self._pos)):
+                break
+
+    def check(self) -> None:
+        """Drain stdout, wait, and raise if the command failed."""
+        while self._proc.stdout.read(_READ_CHUNK):
+            pass
+        rc = self._proc.wait()
+        if rc != 0:
+            self._err.seek(0)
+            tail = self._err.read()[-400:].decode("utf-8", "replace").strip()
+            raise PipeError(f"shard command {self.url!r} exited with status {rc}" + (f": {tail}" if tail else ""))
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.stdout.close()
+        self._proc.wait()
+        self._err.close()
+
+
+@contextlib.contextmanager
+def open_shard(url: str):
+    f = _PipeFile(url) if is_pipe(url) else open(url, "rb")
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def _seek(f, offset: int) -> None:
+    if offset or not isinstance(f, _PipeFile):  # a fresh pipe is at 0 already
+        f.seek(offset)
+
+
+def _octal(field: bytes) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    s = field.split(b"\0", 1)[0].strip()
+    return int(s, 8) if s else 0
+
+
+def _cstr(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    out, i = {}, 0
+    while i < len(data):
+        sp = data.index(b" ", i)
+        n = int(data[i:sp])
+        key, _, val = data[sp + 1:i + n - 1].partition(b"=")
+        out[key.decode()] = val.decode("utf-8", "surrogateescape")
+        i += n
+    return out
+
+
+def _members(f, url: str, start: int) -> Iterator[tuple[int, str, bytes]]:
+    """(offset of the member's first header, name, data) for each regular file from byte `start` on.
+    Raises TarError on a truncated or garbled archive. Stops at the end-of-archive block or a clean EOF."""
+    _seek(f, start)
+    pos, first, longname, pax = start, None, None, {}
+    while True:
+        hdr = f.read(BLOCK)
+        if not hdr and first is None:
+            return  # clean EOF on a member boundary (archive without end blocks)
+        if len(hdr) < BLOCK:
+            raise TarError("truncated_tar", url, pos if first is None else first, "file ends inside a header")
+        if hdr == b"\0" * BLOCK:
+            if first is not None:
+                raise TarError("corrupt_tar", url, first, "end-of-archive block after an extended header")
+            return
+        chk = _octal(hdr[148:156])
+        if chk != sum(hdr[:148]) + 8 * 32 + sum(hdr[156:]):
+            raise TarError("corrupt_tar", url, pos if first is None else first, "bad header checksum")
+        if first is None:
+            first = pos
+        size, kind = _octal(hdr[124:136]), hdr[156:157]
+        size = int(pax.get("size", size)) if kind in (b"0", b"\0", b"7") else size
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        data = f.read(size)
+        if len(data) < size:
+            raise TarError("truncated_tar", url, first, f"file ends inside member data ({len(data)} of {size} bytes)")
+        if padded > size and len(f.read(padded - size)) < padded - size:
+            raise TarError("truncated_tar", url, first, "file ends inside member padding")
+        pos += BLOCK + padded
+        if kind == b"L":
+            longname = _cstr(data)
+            continue
+        if kind == b"x":
+            pax = _pax(data)
+            continue
+        if kind in (b"0", b"\0", b"7"):
+            if "path" in pax:
+                name = pax["path"]
+            elif longname is not None:
+                name = longname
+            else:
+                name = _cstr(hdr[0:100])
+                if hdr[257:263] == b"ustar\x00" and hdr[345] != 0:  # POSIX ustar: name = prefix/name
+                    name = _cstr(hdr[345:500]) + "/" + name
+            yield first, name, data
+        # directories, links, global pax headers and the like carry no sample data
+        first, longname, pax = None, None, {}
+
+
+def _samples_from(f, url: str, start: int, shard: int | None) -> Iterator[tuple[dict, int]]:
+    """(sample, offset of the next unread sample) from byte `start`; a sample is a run of members sharing a key.
+    On TarError the sample assembled so far is yielded, then the error propagates (from the same offset again
+    when restarted there)."""
+    cur = None
+    try:
+        for off, name, data in _members(f, url, start):
+            m = _KEY.match(name)
+            if m is None:
+                continue  # no extension: not part of any sample (webdataset skips these too)
+            key, ext = m.group(1), m.group(2).lower()
+            if cur is not None and (key != cur["__key__"] or ext in cur):
+                yield cur, off
+                cur = None
+            if cur is None:
+                cur = {"__key__": key, "__url__": url, "__shard__": shard, "__offset__": off}
+            cur[ext] = data
+    except TarError as e:
+        if cur is not None:  # its members were read whole; if one is missing, the decoder will say so
+            yield cur, e.offset
+        raise
+    if cur is not None:
+        yield cur, f.tell()
+    if isinstance(f, _PipeFile):
+        f.check()
+
+
+def iter_samples(url: str, start: int = 0, shard: int | None = None) -> Iterator[tuple[dict, int]]:
+    """Open `url` and yield (sample, next_offset) from byte `start` (a sample boundary) to the end."""
+    with open_shard(url) as f:
+        try:
+            yield from _samples_from(f, url, start, shard)
+        except TarError:
+            if isinstance(f, _PipeFile):
+                f.check()  # a failed command explains the truncation better than "truncated tar"
+            raise
+
+
+def read_samples_at(url: str, offsets: list[int], shard: int | None = None) -> dict[int, dict]:
+    """{offset: sample} for samples starting at the given byte offsets (local: one seek each; pipe: one pass)."""
+    want, out = sorted(set(offsets)), {}
+    if not want:
+        return out
+    with open_shard(url) as f:
+        if isinstance(f, _PipeFile):
+            for smp, _ in _samples_from(f, url, want[0], shard):
+                if smp["__offset__"] in want:
+                    out[smp["__offset__"]] = smp
+                if smp["__offset__"] >= want[-1]:
+                    break
+        else:
+            for off in want:
+                it = _samples_from(f, url, off, shard)
+                out[off] = next(it)[0]
+                it.close()
+    missing = [o for o in want if o not in out]
+    if missing:
+        raise ValueError(f"{url}: no sample starts at byte {missing[0]}; did the shard change since the checkpoint?")
+    return out
+
+
 def raw_samples(urls: list[str]) -> Iterator[dict]:
-    """{'__key__', '__url__', ext: bytes, ...} per sample, in tar order, nothing decoded. Local files only.
-    A broken tar raises: a damaged shard is worth a loud failure, unlike a single bad member."""
-    for url in urls:
-        # we open (and always close) the file ourselves: webdataset's opener leaves it to the GC
-        with open(url, "rb") as stream:
-            yield from tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+    """{'__key__', '__url__', '__shard__', '__offset__', ext: bytes, ...} per sample, in tar order, nothing
+    decoded. A broken tar raises TarError (the loaders skip the rest of that shard and count it instead)."""
+    for i, url in enumerate(urls):
+        for smp, _ in iter_samples(url, 0, i):
+            yield smp
 
 
 def shuffled(samples, bufsize: int, rng: random.Random) -> Iterator[dict]:
-    """Reservoir shuffle (same idea as webdataset's `shuffle`) with an explicit rng, so the output order
-    is a pure function of (input order, rng seed) and can be replayed on resume without decoding."""
+    """Reservoir shuffle with an explicit rng (the train loader keeps an equivalent, checkpointable version)."""
     if bufsize <= 1:
         yield from samples
         return
@@ -47,5 +268,5 @@ def shuffled(samples, bufsize: int, rng: random.Random) -> Iterator[dict]:
         k = rng.randrange(bufsize)
         buf[k], s = s, buf[k]
         yield s
-    rng.shuffle(buf)
-    yield from buf
+    while buf:
+        yield buf.pop(rng.randrange(len(buf)))

@@ -6,6 +6,10 @@ import random
 
 import numpy as np
 
+# decord recovers undecodable frames by repeating neighbours; more than this fraction of recovered frames
+# makes the clip an error (a bad sample) rather than silently near-static
+FAULT_TOL = 0.1
+
 
 def sample_indices(n: int, num: int, rng: random.Random | None) -> list[int]:
     """`num` frame indices out of `n`: one per equal segment, random inside it (train, rng given) or the
@@ -25,6 +29,7 @@ def decode_clip(data: bytes, num_frames: int, rng: random.Random | None) -> np.n
     """(num_frames, H, W, 3) uint8."""
     import decord  # imported lazily: image-only runs never load ffmpeg
 
-    vr = decord.VideoReader(io.BytesIO(data), num_threads=1)  # 1 thread: we already run one per worker
+    # 1 thread: we already run one process per DataLoader worker
+    vr = decord.VideoReader(io.BytesIO(data), num_threads=1, fault_tol=FAULT_TOL)
     idx = sample_indices(len(vr), num_frames, rng)
     return vr.get_batch(idx).asnumpy()
