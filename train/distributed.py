@@ -1,12 +1,19 @@
 """Rank discovery, process-group init and a gather-with-gradient for the contrastive objectives.
 
-The `deepspeed` launcher and torchrun export RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT. A plain
-`python train/pretrain.py` has none of them, and DeepSpeed would then try MPI discovery (needs mpi4py), so
-single-process defaults are filled in. SLURM's variables are mapped too, so `srun python ...` works later.
+Where RANK/WORLD_SIZE/LOCAL_RANK come from, first match wins:
+  1. a launcher (`deepspeed`, torchrun, slurm/pretrain.sh) exported them;
+  2. this process is an srun task (SLURM_STEP_ID set): SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID;
+     MASTER_ADDR = first node of the step (127.0.0.1 on one node), MASTER_PORT = 20000 + job id % 20000 (the same
+     rule as slurm/common.sh, so every task agrees without talking);
+  3. MPI (PMI_RANK/PMI_SIZE);
+  4. single process: rank 0 of 1 on 127.0.0.1 and a free port. A plain `python` inside an sbatch script or a
+     salloc shell lands here: SLURM_NTASKS there is the job's size, not this process's world.
+DeepSpeed would otherwise try MPI discovery (needs mpi4py); it never reads SLURM variables itself.
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -28,26 +35,90 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _in_srun_task() -> bool:
+    return "RANK" not in os.environ and os.environ.get("SLURM_STEP_ID") not in (None, "") \
+        and os.environ.get("SLURM_PROCID") not in (None, "")
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM hostlist: "gpu[007-010,12],cpu1" -> "gpu007", "r[1-2]-n[3-4]" -> "r1-n3"."""
+    out, i = [], 0
+    while i < len(nodelist) and nodelist[i] != ",":
+        if nodelist[i] == "[":
+            j = nodelist.find("]", i)
+            if j < 0:
+                raise ValueError(f"bad SLURM node list {nodelist!r}: unclosed '['")
+            out.append(re.split(r"[,-]", nodelist[i + 1:j])[0])
+            i = j + 1
+        else:
+            out.append(nodelist[i])
+            i += 1
+    if not out:
+        raise ValueError(f"bad SLURM node list {nodelist!r}")
+    return "".join(out)
+
+
+def slurm_master_port(job_id) -> int:
+    return 20000 + int(job_id) % 20000
+
+
+def discover() -> tuple[int, int, int, str]:
+    """(rank, world_size, local_rank, source) from the environment, without changing it."""
+    if _in_srun_task():
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+        values = (os.environ["SLURM_PROCID"], _first_env("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default="1"),
+                  _first_env("SLURM_LOCALID", default="0"))
+        source = "slurm"
+    elif "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        values = (_first_env("RANK", default="0"), _first_env("WORLD_SIZE", default="1"),
+                  _first_env("LOCAL_RANK", default="0"))
+        source = "launcher"
+    elif os.environ.get("PMI_RANK") not in (None, ""):
+        names = ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")
+        values = (os.environ["PMI_RANK"], _first_env("PMI_SIZE", default="1"),
+                  _first_env("MPI_LOCALRANKID", default="0"))
+        source = "mpi"
+    else:
+        return 0, 1, 0, "single"
+    try:
+        rank, world, local = (int(v) for v in values)
+    except ValueError:
+        raise ValueError("rank environment is not integer: " +
+                         ", ".join(f"{n}={v!r}" for n, v in zip(names, values))) from None
+    if not (world >= 1 and 0 <= rank < world and local >= 0):
+        raise ValueError("inconsistent rank environment: " +
+                         ", ".join(f"{n}={v!r}" for n, v in zip(names, values)))
+    return rank, world, local, source
+
+
 def setup_env() -> None:
-    """Export RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* from the launcher, SLURM, or single-process defaults."""
-    rank = _first_env("RANK", "SLURM_PROCID", "PMI_RANK", default="0")
-    world = _first_env("WORLD_SIZE", "SLURM_NTASKS", "PMI_SIZE", default="1")
-    local = _first_env("LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", default="0")
-    os.environ.setdefault("RANK", rank)
-    os.environ.setdefault("WORLD_SIZE", world)
-    os.environ.setdefault("LOCAL_RANK", local)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    """Export RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* (see the module docstring for the order)."""
+    rank, world, local, source = discover()
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local))
+    if "MASTER_ADDR" not in os.environ:
+        nodes = int(_first_env("SLURM_STEP_NUM_NODES", "SLURM_NNODES", default="1"))
+        nodelist = _first_env("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST")
+        multi_node = source == "slurm" and world > 1 and nodes > 1 and nodelist
+        os.environ["MASTER_ADDR"] = first_host(nodelist) if multi_node else "127.0.0.1"
     if "MASTER_PORT" not in os.environ:
-        # A lone process picks a free port so parallel single-process runs do not collide on 29500.
-        os.environ["MASTER_PORT"] = str(_free_port()) if world == "1" else "29500"
+        if world == 1:   # a lone process picks a free port so parallel single-process runs do not collide
+            port = _free_port()
+        elif source == "slurm" and os.environ.get("SLURM_JOB_ID"):
+            port = slurm_master_port(os.environ["SLURM_JOB_ID"])
+        else:
+            port = 29500
+        os.environ["MASTER_PORT"] = str(port)
 
 
 def env_world_size() -> int:
-    return int(_first_env("WORLD_SIZE", "SLURM_NTASKS", "PMI_SIZE", default="1"))
+    return discover()[1]
 
 
 def env_rank() -> int:
-    return int(_first_env("RANK", "SLURM_PROCID", "PMI_RANK", default="0"))
+    return discover()[0]
 
 
 def skip_shm_op() -> None:

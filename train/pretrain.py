@@ -5,6 +5,8 @@
   python train/pretrain.py ...        (single process, same arguments)
 
 An output dir that holds checkpoints (D/checkpoints/latest) is resumed automatically.
+SIGUSR1 or SIGTERM: every rank finishes its step, all save a checkpoint, and the process exits 75
+(EXIT_STOPPED; slurm/common.sh requeues the job on it). Exit 0: finished; 2: bad config; other: crash.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 # `python train/pretrain.py` puts train/ on sys.path, not the repo root that holds the models/datasets packages.
@@ -20,6 +23,48 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from train.config import ConfigError, config_to_dict, load_config  # noqa: E402
+
+
+EXIT_STOPPED = 75   # EX_TEMPFAIL: stopped on a signal after saving; must match slurm/common.sh
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopOnSignal:
+    """SIGUSR1/SIGTERM -> engine.request_stop(), also for a signal that arrives before the engine exists.
+
+    The handler only sets flags (the engine all-reduces its flag at the next step boundary, so every rank stops at
+    the same step and takes part in the save). A signal during startup is remembered and applied on attach().
+    """
+
+    def __init__(self):
+        self.signum = None
+        self.engine = None
+        self._previous = {}
+
+    def __call__(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+        if self.engine is not None:
+            self.engine.request_stop()
+
+    def install(self) -> "StopOnSignal":
+        for s in STOP_SIGNALS:
+            self._previous[s] = signal.signal(s, self)
+        return self
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def attach(self, engine) -> None:
+        self.engine = engine
+        if self.signum is not None:
+            engine.request_stop()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "a stop request"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,11 +101,10 @@ def prepare(argv):
     return cfg, ds_config
 
 
-def run(cfg, ds_config, engine_hook=None) -> dict:
+def run(cfg, ds_config, engine_hook=None, stop: StopOnSignal | None = None) -> dict:
     """Build tokenizer, model and loaders, then train. `engine_hook(engine)` runs just before training (tests,
-    later task scripts)."""
-    import signal
-
+    later task scripts). `stop`: handlers installed by the caller (main installs them before the heavy imports);
+    without it run() installs its own for its duration."""
     import yaml
     from deepspeed.utils import logger as ds_logger
 
@@ -91,26 +135,41 @@ def run(cfg, ds_config, engine_hook=None) -> dict:
                            yaml.safe_dump(run_config, sort_keys=False).encode())
     if engine_hook is not None:
         engine_hook(engine)
-    # SIGUSR1 (e.g. SLURM's --signal=USR1@120 before a time limit): save a checkpoint and exit cleanly.
-    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: engine.request_stop())
+    # SIGUSR1 (SLURM's --signal before a time limit, forwarded by slurm/common.sh) or SIGTERM (scancel,
+    # preemption): finish the step, save on every rank, return {"stopped": True, ...}.
+    own_stop = stop is None
+    if own_stop:
+        stop = StopOnSignal().install()
     try:
+        stop.attach(engine)
         return engine.train()
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        if own_stop:
+            stop.restore()
 
 
 def main(argv=None) -> int:
+    """0: finished; 2: bad config; EXIT_STOPPED (75): stopped by SIGUSR1/SIGTERM after saving a checkpoint."""
+    stop = StopOnSignal().install()   # before the heavy imports: a signal during startup must not kill us
     try:
-        cfg, ds_config = prepare(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":   # every rank fails the same way; say it once
+        try:
+            cfg, ds_config = prepare(sys.argv[1:] if argv is None else argv)
+        except ConfigError as e:
+            if os.environ.get("RANK", "0") == "0":   # every rank fails the same way; say it once
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        try:
+            result = run(cfg, ds_config, stop=stop)
+        except ConfigError as e:   # found while building (e.g. an lr_multipliers prefix that matches nothing)
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        run(cfg, ds_config)
-    except ConfigError as e:   # found while building (e.g. an lr_multipliers prefix that matches nothing)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+            return 2
+    finally:
+        stop.restore()
+    if result.get("stopped"):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped by {stop.name} at step {result['step']} after saving a checkpoint; exit {EXIT_STOPPED} "
+                  f"(run the same command again to resume)", flush=True)
+        return EXIT_STOPPED
     return 0
 
 
