@@ -2,6 +2,7 @@
 YAML -> dataclass converter elsewhere can build them."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -16,6 +17,18 @@ class SourceConfig:
     # relative sampling weight when several train sources are mixed; image and video sources may be mixed
     # (a batch is single-modality, see datasets/loader.py)
     weight: float = 1.0
+    # how logs and eval results name this source (eval keys `NAME/i2t_r1`); default: from the shard path
+    name: Optional[str] = None
+
+    def display_name(self) -> str:
+        """`name`, else the shard folder plus the file prefix: data/coco_val/{0..4}.tar -> coco_val,
+        data/demo/val/images-{00000..00000}.tar -> val_images."""
+        if self.name:
+            return self.name
+        first = self.shards.split("::")[0].strip().rstrip("/")
+        folder = os.path.basename(os.path.dirname(first))
+        prefix = os.path.basename(first).split("{")[0].split(".")[0].strip("-_")
+        return "_".join(p for p in (folder, prefix) if p) or "source"
 
     def validate(self, where: str = "source") -> None:
         if not isinstance(self.shards, str) or not self.shards.strip():
@@ -62,6 +75,12 @@ class DataConfig:
         for name, sources in (("train", self.train), ("eval", self.eval)):
             for i, s in enumerate(sources):
                 s.validate(f"data.{name}[{i}]")
+                if s.name is not None and not (isinstance(s.name, str) and s.name.strip()):
+                    raise ValueError(f"data.{name}[{i}].name must be a non-empty string, got {s.name!r}")
+        names = [s.display_name() for s in self.eval]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"data.eval: several sources are named {dup[0]!r}; give each a distinct `name:`")
         if not (isinstance(self.image_size, int) and self.image_size > 0):
             raise ValueError(f"data.image_size must be a positive int, got {self.image_size!r}")
         if not (isinstance(self.num_frames, int) and self.num_frames > 0):

@@ -224,7 +224,8 @@ class Engine:
                    dynamic_ncols=True, mininterval=1.0)
         it = iter(self.loader)
         sums: dict[str, torch.Tensor] = {}
-        micro_count, data_time, step_time = 0, 0.0, 0.0
+        micro_count, video_count, data_time, step_time = 0, 0, 0.0, 0.0
+        seen_video = False
         window_start, window_steps = time.perf_counter(), 0
         stopped = False
         self.ds.train()
@@ -237,6 +238,7 @@ class Engine:
                 t0 = time.perf_counter()
                 batch = next(it)
                 data_time += time.perf_counter() - t0
+                video_count += batch.get("modality") == "video"
                 out = self.ds(self.to_device(batch))
                 self.ds.backward(out["loss"])
                 self.ds.step()
@@ -257,6 +259,10 @@ class Engine:
                           / self.dist.world_size,
                           "data_time": data_time / window_steps, "step_time": step_time / window_steps,
                           "samples_seen": self.step * cfg.global_batch_size}
+                seen_video = seen_video or video_count > 0
+                if seen_video:  # mixed or video runs: the share of video micro batches (the same on every rank)
+                    record["video_batch_fraction"] = video_count / micro_count
+                record.update(self._data_health())
                 grad_norm = self.ds.get_global_grad_norm()
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
@@ -267,7 +273,7 @@ class Engine:
                     bar.set_postfix_str(self._postfix(record), refresh=False)
                 if not math.isfinite(record["loss"]):
                     raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; stopping")
-                sums, micro_count, data_time, step_time = {}, 0, 0.0, 0.0
+                sums, micro_count, video_count, data_time, step_time = {}, 0, 0, 0.0, 0.0
                 window_start, window_steps = time.perf_counter(), 0
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self.evaluate(writer)
@@ -354,6 +360,16 @@ class Engine:
             vals[name if name not in vals else f"stat_{name}"] = v
         return {k: (v if torch.is_tensor(v) else torch.tensor(float(v))).detach().reshape(()).to(self.device)
                 for k, v in vals.items()}
+
+    def _data_health(self) -> dict:
+        """Bad samples skipped so far, summed over ranks (the loader counts per rank, as of the consumed batches)."""
+        if not hasattr(self.loader, "stats"):
+            return {}
+        s = self.loader.stats()
+        totals = all_reduce_mean(torch.tensor([float(s["bad_samples"]), float(s["samples_read"])],
+                                              device=self.device)) * self.dist.world_size
+        bad, read = totals.tolist()
+        return {"data_bad_samples": int(round(bad)), "data_bad_fraction": bad / read if read else 0.0}
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)

@@ -97,8 +97,28 @@ def prepare(argv):
         overrides.append(f"train.output_dir={json.dumps(args.output_dir)}")   # JSON string = YAML string
     ds_raw = load_ds_config(args.deepspeed_config)
     cfg = load_config(args.config, overrides)
+    check_run_inputs(cfg, args.config)
     ds_config = prepare_ds_config(ds_raw, cfg.train, env_world_size(), path=args.deepspeed_config)
     return cfg, ds_config
+
+
+def check_run_inputs(cfg, path: str) -> None:
+    """What only a real run needs (presets ship placeholder paths that flops.py and the tests accept)."""
+    vision, text = cfg.model.vision, cfg.model.text
+    if vision.pretrained and not os.path.isfile(vision.pretrained):
+        raise ConfigError(f"{path}: model.vision.pretrained: no such file {vision.pretrained!r} (write it with "
+                          "`python train/convert_checkpoint.py import ...`)")
+    if text.pretrained not in (None, "minilm") and not os.path.isdir(text.pretrained):
+        raise ConfigError(f"{path}: model.text.pretrained: no such directory {text.pretrained!r} (a local "
+                          "transformers BERT/RoBERTa directory, or minilm)")
+    p = cfg.data.mlm_probability
+    if p is not None:
+        mlm = cfg.objectives.get("mlm")
+        if mlm is None:
+            raise ConfigError(f"{path}: data.mlm_probability is set but objectives.mlm is not enabled")
+        if abs(mlm.mask_prob - p) > 1e-9:
+            raise ConfigError(f"{path}: data.mlm_probability={p} disagrees with objectives.mlm.mask_prob="
+                              f"{mlm.mask_prob}; the collator masks instead of the model, so they must match")
 
 
 def run(cfg, ds_config, engine_hook=None, stop: StopOnSignal | None = None) -> dict:
@@ -127,7 +147,8 @@ def run(cfg, ds_config, engine_hook=None, stop: StopOnSignal | None = None) -> d
     evaluate = None
     if cfg.data.eval:
         eval_loader = build_eval_loader(cfg.data, tokenizer, batch_size=t.eval_batch_size)
-        evaluate = lambda engine: zero_shot_retrieval(engine, eval_loader)  # noqa: E731
+        names = [s.display_name() for s in cfg.data.eval]
+        evaluate = lambda engine: zero_shot_retrieval(engine, eval_loader, names)  # noqa: E731
     run_config = config_to_dict(cfg)
     engine = Engine(model, t, ds_config, dist, train_loader, t.output_dir, evaluate=evaluate, run_config=run_config)
     if dist.is_main:

@@ -124,6 +124,17 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("override, match", [
+    ("model.vision.pretrained=nowhere/vit.safetensors", r"model\.vision\.pretrained: no such file 'nowhere/vit"),
+    ("model.text.pretrained=nowhere/roberta", r"model\.text\.pretrained: no such directory 'nowhere/roberta'"),
+    ("data.mlm_probability=0.2", r"data\.mlm_probability=0\.2 disagrees with objectives\.mlm\.mask_prob=0\.15"),
+])
+def test_run_inputs_are_checked_before_any_work(override, match):
+    from train.pretrain import prepare
+    with pytest.raises(ConfigError, match=match):
+        prepare(["--deepspeed_config", "ds_configs/cpu_demo.json", "--config", TINY, override])
+
+
 def test_lr_schedule():
     t = TrainConfig(max_steps=100, warmup_ratio=0.1, schedule="cosine", min_lr_ratio=0.1)
     f = [lr_factor(s, t) for s in range(100)]

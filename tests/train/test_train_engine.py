@@ -122,6 +122,8 @@ def test_demo_shards_loss_goes_down_and_run_layout(pretrain, tmp_path):
 
 
 def test_two_ranks_stay_identical(demo_shards, tmp_path):
+    """2 ranks, all five objectives, images and 2-frame videos mixed by weight: every step both ranks draw the same
+    modality (the gathered per-frame MGSC/MLTC features would not line up otherwise) and end bit-identical."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,15 +133,26 @@ def test_two_ranks_stay_identical(demo_shards, tmp_path):
                                                              "MASTER_ADDR")}
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), "train/pretrain.py", "--deepspeed_config", ds,
-           "--config", TINY, "--output_dir", str(tmp_path / "out"), "train.max_steps=3",
-           "train.global_batch_size=8", *data_overrides(demo_shards), *GLSCL]
+           "--config", TINY, "--output_dir", str(tmp_path / "out"), "train.max_steps=4",
+           "train.global_batch_size=8", "data.num_frames=2", *GLSCL,
+           f'data.train=[{{shards: "{demo_shards["paths"]["train_images"]}", modality: image, weight: 1}}, '
+           f'{{shards: "{demo_shards["paths"]["train_videos"]}", modality: video, weight: 1}}]',
+           f'data.eval=[{{shards: "{demo_shards["paths"]["val_images"]}", modality: image}}, '
+           f'{{shards: "{demo_shards["paths"]["val_videos"]}", modality: video}}]']
     r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ranks in sync: True" in r.stdout, r.stdout[-3000:]
     records = read_metrics(tmp_path / "out")
-    assert [x["step"] for x in records] == [1, 2, 3]
+    assert [x["step"] for x in records] == [1, 2, 3, 4]
     assert all(math.isfinite(x[k]) for x in records for k in ("loss", *LOSS_KEYS, *GLSCL_KEYS))
-    assert sorted(n for n in os.listdir(tmp_path / "out" / "checkpoints" / "step_3")
+    fractions = [x.get("video_batch_fraction", 0.0) for x in records]
+    assert 0 < sum(fractions) < len(fractions), fractions  # both modalities were trained on (seeded draw)
+    assert all(x["data_bad_samples"] == 0 for x in records)
+    with open(tmp_path / "out" / "eval.json") as f:
+        ev = json.load(f)
+    # one retrieval pool per eval source, keyed by its name
+    assert ev["val_images/num_samples"] == 64 and ev["val_videos/num_samples"] == 8, ev
+    assert sorted(n for n in os.listdir(tmp_path / "out" / "checkpoints" / "step_4")
                   if n.startswith("train_state")) == ["train_state_rank0.pt", "train_state_rank1.pt"]
 
 
