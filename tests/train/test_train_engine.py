@@ -82,9 +82,15 @@ class _SignalAfter:
         self.loader.load_state_dict(state)
 
 
-def test_stop_signal_saves_and_resume_matches_uninterrupted(pretrain, tmp_path):
+@pytest.mark.parametrize("data", ["images", "mixed_2_workers"])
+def test_stop_signal_saves_and_resume_matches_uninterrupted(pretrain, demo_shards, tmp_path, data):
     ds = write_ds_config(tmp_path, 1, "fp32")
     steps = ["train.max_steps=5", "train.save_every=0"]
+    if data == "mixed_2_workers":  # image + video sources, 2 loader worker processes: positions, rotation, modality
+        p = demo_shards["paths"]
+        steps += ["data.num_workers=2", "data.num_frames=2", "train.eval_every=0",
+                  f'data.train=[{{shards: "{p["train_images"]}", modality: image}}, '
+                  f'{{shards: "{p["train_videos"]}", modality: video, weight: 0.5}}]']
     full = pretrain(tmp_path / "full", ds, *steps)
 
     def stop_during_step_3(engine):   # 2 micro-batches per step: batch index 4 is step 3's first
@@ -98,6 +104,8 @@ def test_stop_signal_saves_and_resume_matches_uninterrupted(pretrain, tmp_path):
     for a, b in zip(full, resumed):
         for k in ("loss", "lr") + LOSS_KEYS:
             assert b[k] == a[k], (k, a["step"], a[k], b[k])        # bit-identical: data, RNG, optimizer, LR
+    if data == "mixed_2_workers":
+        assert 0 < sum(r.get("video_batch_fraction", 0) for r in full) < len(full)  # both modalities in play
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == sorted(
         ["latest", "step_3", "step_5", "zero_to_fp32.py", "zero_to_torch.py"])
 
