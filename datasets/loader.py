@@ -340,8 +340,8 @@ class _TrainStream(IterableDataset):
                 caps.append(cap)
                 keys.append(raw["__key__"])
             j += 1
-            batch = {"pixel_values": torch.stack(pix), **tokenize(self.tokenizer, caps, self.cfg.max_text_len),
-                     "__key__": keys, "modality": modality}
+            batch = {"pixel_values": torch.stack(pix), "normalize": self.cfg.normalize,
+                     **tokenize(self.tokenizer, caps, self.cfg.max_text_len), "__key__": keys, "modality": modality}
             if self.mlm_info is not None:
                 gen = torch.Generator().manual_seed(random.Random(f"mlm-{self.seed}-{self.rank}-{n}").getrandbits(63))
                 batch["mlm_input_ids"], batch["mlm_labels"] = mlm_mask(
@@ -479,7 +479,8 @@ class EvalLoader:
                 yield self._batch(pix, caps, keys, si, modality)
 
     def _batch(self, pix, caps, keys, si, modality) -> dict:
-        return {"pixel_values": torch.stack(pix), **tokenize(self.tokenizer, caps, self.cfg.max_text_len),
+        return {"pixel_values": torch.stack(pix), "normalize": self.cfg.normalize,
+                **tokenize(self.tokenizer, caps, self.cfg.max_text_len),
                 "__key__": keys, "caption": caps, "source": si, "modality": modality}
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from datasets.transforms import normalize_pixels
 from train.config import ConfigError, TrainConfig
 from train.distributed import DistInfo, TorchGather, all_reduce_mean, barrier
 from train.optim import build_optimizer, build_scheduler
@@ -199,12 +200,16 @@ class Engine:
         self._stop_requested = True
 
     def to_device(self, batch: dict) -> dict:
-        """Move tensors to the engine's device; float tensors take the engine dtype (bf16/fp16 runs)."""
+        """Move tensors to the engine's device; float tensors take the engine dtype (bf16/fp16 runs). The loaders
+        hand out uint8 pixels (4x less to copy between processes and to the GPU): they are normalised here, on the
+        device, as batch["normalize"] says."""
         out = {}
         for k, v in batch.items():
             if torch.is_tensor(v):
                 v = v.to(self.device, non_blocking=True)
-                if v.is_floating_point() and v.dtype != self.dtype:
+                if k == "pixel_values" and v.dtype == torch.uint8:
+                    v = normalize_pixels(v, batch.get("normalize", "clip"), self.dtype)
+                elif v.is_floating_point() and v.dtype != self.dtype:
                     v = v.to(self.dtype)
             out[k] = v
         return out

