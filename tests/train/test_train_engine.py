@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,13 +131,14 @@ def test_demo_shards_loss_goes_down_and_run_layout(pretrain, tmp_path):
 
 
 def test_two_ranks_stay_identical(demo_shards, tmp_path):
-    """2 ranks, all five objectives, images and 2-frame videos mixed by weight: every step both ranks draw the same
-    modality (the gathered per-frame MGSC/MLTC features would not line up otherwise) and end bit-identical."""
+    """2 ranks under ZeRO-3, all five objectives, images and 2-frame videos mixed by weight: every step both ranks
+    draw the same modality (the gathered per-frame MGSC/MLTC features would not line up otherwise) and end
+    bit-identical; the 2-rank checkpoint, consolidated to fp32, reproduces the run's own retrieval numbers."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ds = write_ds_config(tmp_path, 2, "fp32")
+    ds = write_ds_config(tmp_path, 3, "fp32")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT",
                                                              "MASTER_ADDR")}
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -162,6 +164,42 @@ def test_two_ranks_stay_identical(demo_shards, tmp_path):
     assert ev["val_images/num_samples"] == 64 and ev["val_videos/num_samples"] == 8, ev
     assert sorted(n for n in os.listdir(tmp_path / "out" / "checkpoints" / "step_4")
                   if n.startswith("train_state")) == ["train_state_rank0.pt", "train_state_rank1.pt"]
+
+    # ZeRO-3 partitions every parameter over the 2 ranks: the converter must merge them exactly
+    from datasets.loader import build_eval_loader
+    from datasets.transforms import normalize_pixels
+    from models.weights import load_weights
+    from train import convert_checkpoint as cc
+    from train.evaluation import zero_shot_retrieval
+
+    path = str(tmp_path / "model.safetensors")
+    assert cc.main(["zero-to-fp32", str(tmp_path / "out"), path]) == 0
+    sd, meta = load_weights(path)
+    config = json.loads(meta["config"])
+    model = cc.build_from_config(config).eval()
+    model.load_state_dict(sd, strict=True)
+    from models.text import load_tokenizer
+    from train.config import config_from_dict
+    run_cfg = config_from_dict(config)
+    loader = build_eval_loader(run_cfg.data, load_tokenizer(run_cfg.model.text), batch_size=64)
+
+    class _Engine:  # what zero_shot_retrieval reads from an engine
+        module = model
+
+        @staticmethod
+        def to_device(b):
+            return {**b, "pixel_values": normalize_pixels(b["pixel_values"], b["normalize"])}
+
+    # the run printed sum |w| over its (gathered) parameters: the merged file must hold exactly those weights
+    want = float(re.search(r"parameter fingerprint ([0-9.e+-]+)", r.stdout).group(1))
+    got = sum(p.detach().double().flatten().abs().sum() for p in model.parameters()).item()
+    assert got == pytest.approx(want, rel=1e-12, abs=0), (got, want)
+    assert sum(p.detach().double().abs().sum() for p in cc.build_from_config(config).parameters()).item() != \
+        pytest.approx(want, rel=1e-6)  # the check can fail: the untrained weights differ
+    names = [s.display_name() for s in run_cfg.data.eval]
+    keys = [f"{src}/{k}" for src in names for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5")]
+    again = zero_shot_retrieval(_Engine, loader, names)
+    assert [again[k] for k in keys] == [ev[k] for k in keys], (again, ev)  # and the same retrieval numbers
 
 
 def test_video_shards_train_through_the_engine(pretrain, demo_shards, tmp_path):
