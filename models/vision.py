@@ -164,19 +164,27 @@ class VisionEncoder(nn.Module):
         tokens = torch.cat([x[:, :, 0], x[:, :, 1:].flatten(1, 2)], dim=1)
         return VisionOutput(tokens=tokens, num_frames=f)
 
-    def load_timm_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Strict load of timm-keyed ViT weights: resamples pos_embed to this grid, names what it drops."""
+    def load_timm_state_dict(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        """Strict load of timm-keyed ViT weights (a timm state dict, or a tower file of convert_checkpoint.py):
+        pos_embed is resampled to this grid; the classifier (head, fc_norm) and the blocks beyond this tower's depth
+        are dropped by name when exactly `drop_last_blocks` blocks are extra; without a temporal_embed the tower
+        keeps its own init (SCL: scale x randn). Returns the dropped names; anything else that differs raises."""
         sd = dict(state_dict)
         if "pos_embed" in sd and sd["pos_embed"].shape != self.pos_embed.shape:
             sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=self.grid_size, num_prefix_tokens=1)
-        dropped = sorted(k for k in sd if k.startswith("blocks.") and int(k.split(".")[1]) >= len(self.blocks))
-        head = sorted(k for k in sd if k.split(".")[0] in ("head", "fc_norm"))
-        for k in dropped + head:
+        depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+        extra = [k for k in sd if k.startswith("blocks.") and int(k.split(".")[1]) >= len(self.blocks)]
+        if extra and depth - len(self.blocks) != self.cfg.drop_last_blocks:
+            raise ValueError(f"vision weights have {depth} blocks, the tower {len(self.blocks)} with "
+                             f"drop_last_blocks={self.cfg.drop_last_blocks}")
+        dropped = sorted(extra + [k for k in sd if k.split(".")[0] in ("head", "fc_norm")])
+        for k in dropped:
             del sd[k]
         sd.setdefault("temporal_embed", self.temporal_embed.detach().clone())
         missing, unexpected = self.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"vision weights do not match: missing={missing} unexpected={unexpected}")
+        return dropped
 
 
 def _video_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:

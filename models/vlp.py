@@ -8,7 +8,6 @@ MLTC (`glscl_passes`), reusing the cached unmasked encodings.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -181,27 +180,21 @@ class VLPModel(nn.Module):
 def load_vision_tower(vision: VisionEncoder, path: str) -> None:
     """Load a tower file from `convert_checkpoint.py import` (kind "vision") strictly into `vision`.
 
-    Position embeddings are resampled to the tower's grid. An imported image model never trained its temporal
-    embedding, so the tower keeps its own random init for it (SCL initialises it as scale x randn, not zeros).
-    When the file has exactly `model.vision.drop_last_blocks` more blocks than the tower, those last blocks are
-    dropped by name (METER/SCL drop CLIP's last block)."""
-    from models.weights import WeightsError, load_strict, load_weights, resample_pos_embed
+    Loaded as `VisionEncoder.load_timm_state_dict` does (pos-embed resample, the configured last blocks dropped by
+    name). An imported image model never trained its temporal embedding, so the tower keeps its own random init for
+    it (SCL initialises it as scale x randn, not zeros)."""
+    from models.weights import WeightsError, load_weights
 
     sd, meta = load_weights(path)
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
-    keep, drop = len(vision.blocks), vision.cfg.drop_last_blocks
-    if drop and blocks and max(blocks) + 1 == keep + drop:
-        sd = {k: v for k, v in sd.items() if not (k.startswith("blocks.") and int(k.split(".")[1]) >= keep)}
     if meta.get("kind") != "vision":
         raise WeightsError(f"model.vision.pretrained: {path} is not a vision-tower file (kind={meta.get('kind')!r}); "
                            "write one with `python train/convert_checkpoint.py import ...`")
-    pos = sd.get("pos_embed")
-    if pos is not None and pos.shape != vision.pos_embed.shape:
-        old = int(round(math.sqrt(pos.shape[1] - 1)))
-        sd["pos_embed"] = resample_pos_embed(pos, vision.grid_size, (old, old))
-    if "format_in" in meta and "temporal_embed" in sd:  # imported from an image model: nothing learnt there
-        sd["temporal_embed"] = vision.temporal_embed.detach().clone()
-    load_strict(vision, sd, f"model.vision.pretrained {path}")
+    if "format_in" in meta:  # imported from an image model: nothing learnt in its (zero) temporal table
+        sd.pop("temporal_embed", None)
+    try:
+        vision.load_timm_state_dict(sd)
+    except ValueError as e:
+        raise WeightsError(f"model.vision.pretrained {path}: {e}") from None
 
 
 def build_model(cfg: ModelConfig, objective_cfgs: dict, tokenizer) -> VLPModel:

@@ -34,8 +34,6 @@ from train.config import ConfigError  # noqa: E402
 # Kept: both towers, the fusion encoder (with its poolers), ITC projections + temperature (retrieval embeddings)
 # and the ITM head (METER/SCL initialise the retrieval re-ranker from it); `--drop objectives.itm.` removes it.
 PRETRAIN_ONLY = ("objectives.mlm.", "objectives.mgsc.", "objectives.mltc.")
-NORMALIZE = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-             "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
 class UserError(Exception):
@@ -337,7 +335,8 @@ def cmd_export(args) -> None:
         vision_cfg = config["model"]["vision"]
         text_cfg = config["model"]["text"]
         hf_cfg = meta.get("text_hf_config")
-        norm = NORMALIZE.get((config.get("data") or {}).get("normalize"))
+        from datasets.transforms import MEAN_STD  # the run's pixel normalisation goes into the export's config
+        norm = MEAN_STD.get((config.get("data") or {}).get("normalize"))
     elif kind == tower:
         tower_sd, vision_cfg, norm = sd, meta.get("vision_config"), None
         hf_cfg, text_cfg = meta.get("hf_config"), meta.get("text_config")
