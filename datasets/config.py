@@ -68,7 +68,8 @@ class DataConfig:
     # abort when a worker's bad samples exceed this fraction, checked once it has read bad_check_min_samples
     max_bad_fraction: float = 0.1
     bad_check_min_samples: int = 1000
-    randaugment: Optional[RandAugmentConfig] = None  # train images only, e.g. {num_ops: 2, magnitude: 9}
+    # train only, e.g. {num_ops: 2, magnitude: 9}; a video clip gets one draw for all its frames
+    randaugment: Optional[RandAugmentConfig] = None
     mlm_probability: Optional[float] = None  # set -> train batches also carry mlm_input_ids / mlm_labels
 
     def validate(self) -> "DataConfig":

@@ -82,7 +82,7 @@ class SampleDecoder:
             self.tf = ImageTransform(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.normalize, train,
                                      cfg.randaugment)
         else:
-            self.tf = ClipTransform(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.normalize, train)
+            self.tf = ClipTransform(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.normalize, train, cfg.randaugment)
 
     def __call__(self, raw: dict, rng: random.Random | None) -> tuple[torch.Tensor, str]:
         exts = IMAGE_EXTS if self.modality == "image" else VIDEO_EXTS

@@ -74,11 +74,7 @@ class ImageTransform:
     def __init__(self, size: int, crop_scale, hflip: bool, normalize: str, train: bool, randaugment=None):
         self.size, self.crop_scale, self.hflip, self.train = size, tuple(crop_scale), hflip, train
         self.normalize = normalize  # carried into the batch, applied on the device
-        self.randaug = None
-        if randaugment is not None and train:
-            from torchvision.transforms import v2
-
-            self.randaug = v2.RandAugment(num_ops=randaugment.num_ops, magnitude=randaugment.magnitude)
+        self.randaug = _randaugment(randaugment) if train else None
 
     def __call__(self, data: bytes, rng: random.Random | None) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as im:
@@ -101,20 +97,34 @@ class ImageTransform:
         if flip:
             x = x.flip(-1)
         if self.randaug is not None:
-            # torchvision draws from torch's global RNG: seed a forked copy from the sample's own rng, so the
-            # result depends on the sample alone and the caller's RNG stream is left untouched
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(rng.getrandbits(63))
-                x = self.randaug(x[0].contiguous())[None]
+            x = _apply_seeded(self.randaug, x[0].contiguous(), rng)[None]
         return x.contiguous()
 
 
-class ClipTransform:
-    """(F, H, W, 3) uint8 frames -> (F, 3, S, S) uint8; one crop / flip decision for the whole clip."""
+def _randaugment(cfg):
+    if cfg is None:
+        return None
+    from torchvision.transforms import v2
 
-    def __init__(self, size: int, crop_scale, hflip: bool, normalize: str, train: bool):
+    return v2.RandAugment(num_ops=cfg.num_ops, magnitude=cfg.magnitude)
+
+
+def _apply_seeded(tf, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    # torchvision draws from torch's global RNG: seed a forked copy from the sample's own rng, so the result depends
+    # on the sample alone and the caller's RNG stream is left untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.getrandbits(63))
+        return tf(x)
+
+
+class ClipTransform:
+    """(F, H, W, 3) uint8 frames -> (F, 3, S, S) uint8; one crop / flip / RandAugment draw for the whole clip
+    (torchvision applies one op draw to a stack of frames), so motion is not mistaken for augmentation."""
+
+    def __init__(self, size: int, crop_scale, hflip: bool, normalize: str, train: bool, randaugment=None):
         self.size, self.crop_scale, self.hflip, self.train = size, tuple(crop_scale), hflip, train
         self.normalize = normalize
+        self.randaug = _randaugment(randaugment) if train else None
 
     def __call__(self, frames: np.ndarray, rng: random.Random | None) -> torch.Tensor:
         _, h, w, _ = frames.shape
@@ -127,4 +137,6 @@ class ClipTransform:
                     "bilinear")
         if flip:
             x = x.flip(-1)
+        if self.randaug is not None:
+            x = _apply_seeded(self.randaug, x.contiguous(), rng)
         return x.contiguous()

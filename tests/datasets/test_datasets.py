@@ -19,7 +19,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from datasets import demo_data  # noqa: E402
-from datasets.config import DataConfig, SourceConfig  # noqa: E402
+from datasets.config import DataConfig, RandAugmentConfig, SourceConfig  # noqa: E402
 from datasets.loader import SampleDecoder, build_eval_loader, build_train_loader  # noqa: E402
 from datasets.shards import raw_samples  # noqa: E402
 from datasets.transforms import MEAN_STD, ClipTransform, ImageTransform, normalize_pixels  # noqa: E402
@@ -218,9 +218,16 @@ def test_frame_sampling_and_same_crop_per_clip():
     # identical frames in -> identical frames out means one crop (and one flip) was used for the whole clip
     frame = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
     tf = ClipTransform(24, (0.2, 0.5), True, "clip", train=True)
+    ra = ClipTransform(24, (0.2, 0.5), True, "clip", train=True, randaugment=RandAugmentConfig(num_ops=2, magnitude=9))
+    changed = 0
     for seed in range(5):
         out = tf(np.stack([frame] * 6), random.Random(seed))
         assert out.shape == (6, 3, 24, 24) and all(torch.equal(out[0], out[i]) for i in range(6))
+        aug = ra(np.stack([frame] * 6), random.Random(seed))  # one RandAugment draw for the whole clip too
+        assert all(torch.equal(aug[0], aug[i]) for i in range(6))
+        assert torch.equal(aug, ra(np.stack([frame] * 6), random.Random(seed)))  # a function of the sample seed
+        changed += not torch.equal(aug, out)
+    assert changed >= 4
 
 
 # ------------------------------------------------------------------------------------------------ resume
