@@ -68,6 +68,10 @@ class DataConfig:
     # abort when a worker's bad samples exceed this fraction, checked once it has read bad_check_min_samples
     max_bad_fraction: float = 0.1
     bad_check_min_samples: int = 1000
+    # an image (or a video frame) with more pixels than this is a bad sample ("oversize_image" /
+    # "oversize_video"), judged from the header before any pixel is decoded (after JPEG draft reduction), so a
+    # decompression bomb costs nothing; 36 M = 6000 x 6000
+    max_image_pixels: int = 36_000_000
     # train only, e.g. {num_ops: 2, magnitude: 9}; a video clip gets one draw for all its frames
     randaugment: Optional[RandAugmentConfig] = None
     mlm_probability: Optional[float] = None  # set -> train batches also carry mlm_input_ids / mlm_labels
@@ -106,6 +110,9 @@ class DataConfig:
             raise ValueError(f"data.max_bad_fraction must be a number in [0, 1], got {self.max_bad_fraction!r}")
         if not (isinstance(self.bad_check_min_samples, int) and self.bad_check_min_samples >= 1):
             raise ValueError(f"data.bad_check_min_samples must be an int >= 1, got {self.bad_check_min_samples!r}")
+        mp = self.max_image_pixels
+        if not (isinstance(mp, int) and not isinstance(mp, bool) and mp >= 1):
+            raise ValueError(f"data.max_image_pixels must be an int >= 1, got {mp!r}")
         if isinstance(self.randaugment, dict):  # built directly from a plain dict (not via the YAML loader)
             self.randaugment = RandAugmentConfig(**self.randaugment)
         if self.randaugment is not None:

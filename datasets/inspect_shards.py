@@ -1,11 +1,13 @@
 """Decode every sample of some shards with the training decoder and report what a run would see.
 
     python datasets/inspect_shards.py "OUT_DIR/{00000..00009}.tar" [--num-frames 4] [--workers 4] [--image-size 224]
+        [--max-image-pixels 36000000]
 
 Prints the shard count, good samples per modality (image or video, by the media member's extension), bad
 samples per reason and, for shards with bad samples, per shard with an example key; a progress bar goes to
 stderr. The last line is exactly `samples: N bad: M`, where N counts the samples that decode (what training
-uses) and M the bad ones (a truncated or garbled tar counts once, for the unreadable rest of its shard).
+uses) and M the bad ones (a truncated or garbled tar counts once, for the unreadable rest of its shard; so does
+a shard that is not a tar at all, "not_a_tar", or holds no sample, "empty_shard").
 Exit status 0 whatever the data holds; 2 when the pattern matches no shard.
 """
 from __future__ import annotations
@@ -30,8 +32,8 @@ from datasets.shards import TarError, expand_shards, iter_samples  # noqa: E402
 _DECODERS: dict = {}
 
 
-def _init(image_size: int, num_frames: int) -> None:
-    cfg = DataConfig(image_size=image_size, num_frames=num_frames).validate()
+def _init(image_size: int, num_frames: int, max_image_pixels: int = DataConfig.max_image_pixels) -> None:
+    cfg = DataConfig(image_size=image_size, num_frames=num_frames, max_image_pixels=max_image_pixels).validate()
     _DECODERS.update({m: SampleDecoder(cfg, m, train=True) for m in ("image", "video")})
 
 
@@ -67,7 +69,12 @@ def main(argv=None) -> int:
     ap.add_argument("--num-frames", type=int, default=4, help="frames decoded per video (as data.num_frames)")
     ap.add_argument("--image-size", type=int, default=224, help="decode resolution (as data.image_size)")
     ap.add_argument("--workers", type=int, default=1, help="processes decoding shards in parallel")
+    ap.add_argument("--max-image-pixels", type=int, default=DataConfig.max_image_pixels,
+                    help="larger images / video frames are bad (oversize_image / oversize_video), as "
+                         "data.max_image_pixels")
     a = ap.parse_args(argv)
+    if a.max_image_pixels < 1:
+        ap.error("--max-image-pixels must be >= 1")
     try:
         urls = expand_shards(a.pattern)
     except FileNotFoundError as e:
@@ -82,11 +89,11 @@ def main(argv=None) -> int:
 
         # fork where there is one: the workers start without importing torch again
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(min(a.workers, len(urls)), _init, (a.image_size, a.num_frames))
+        pool = ctx.Pool(min(a.workers, len(urls)), _init, (a.image_size, a.num_frames, a.max_image_pixels))
         results = pool.imap_unordered(inspect_shard, urls)
     else:
         pool = None
-        _init(a.image_size, a.num_frames)
+        _init(a.image_size, a.num_frames, a.max_image_pixels)
         results = map(inspect_shard, urls)
     try:
         for url, g, b, ex in results:

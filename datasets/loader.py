@@ -30,11 +30,14 @@ uninterrupted loader would have asked next becomes DataLoader worker 0 (logical 
 """
 from __future__ import annotations
 
+import atexit
 import bisect
 import copy
 import logging
 import os
 import random
+import signal
+import weakref
 from collections import Counter, defaultdict
 from typing import Iterator
 
@@ -44,12 +47,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .config import MODALITIES, DataConfig, SourceConfig
 from .shards import TarError, expand_shards, iter_samples, read_samples_at
 from .text import clean_caption, mlm_mask, special_token_info, tokenize
-from .transforms import ClipTransform, ImageTransform
+from .transforms import ClipTransform, ImageTransform, TooLarge
 from .video import decode_clip
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3 added "shard_names"; a version 2 state still loads (its shard names go unchecked)
+READABLE_VERSIONS = (2, 3)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi")
 MAX_CONSECUTIVE_BAD = 1000  # a worker that meets this many bad samples in a row is reading garbage
@@ -62,6 +66,102 @@ class BadSample(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class DataAbort(RuntimeError):
+    """The data cannot be trained on (too many bad samples, shards with no readable sample). str() is one line
+    that says why, with an example shard and key; the train entry point prints it and exits 2. Raised in the
+    consumer process with no chained traceback: a DataLoader worker hands the message over as a record instead
+    of letting the exception travel through the DataLoader."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line whatever a shard or key name holds
+
+
+class BadSampleTooMany(DataAbort):
+    pass
+
+
+class LoaderStateMismatch(ValueError):
+    """The checkpoint's loader state was saved under a different data layout (batch size, workers, shuffle
+    buffer, seed, ranks, shards): exact resume is impossible. str() is one line naming the config key."""
+
+
+_META_KEYS = {  # loader state meta key -> how a user knows it
+    "rank": "rank", "world_size": "world size (number of ranks)", "num_workers": "data.num_workers",
+    "micro_batch_size": "train.micro_batch_size", "seed": "train.seed", "resampled": "data.resampled",
+    "shuffle_buffer": "data.shuffle_buffer",
+}
+
+
+def _mismatch(key: str, saved, now, what: str = "value") -> LoaderStateMismatch:
+    return LoaderStateMismatch(f"{key}: the checkpoint's data position was saved with {saved!r}, this run has "
+                               f"{now!r}; exact resume needs the same {what} (restore it, or start a new "
+                               "--output_dir)")
+
+
+def shard_name(url: str) -> str:
+    """The file name of a shard, so a data set moved to another directory (or read through `pipe:`) still
+    resumes: /data/cc3m/00001.tar -> 00001.tar; pipe:aws s3 cp s3://b/cc3m/00001.tar - -> 00001.tar."""
+    if url.startswith("pipe:"):
+        words = url[len("pipe:"):].split()
+        url = next((w for w in reversed(words) if ".tar" in w), words[-1] if words else url)
+    return os.path.basename(url.rstrip("/"))
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGTERM / SIGUSR1 / SIGINT sent to the whole process group (scancel, Ctrl-C,
+    SLURM's --signal) must reach only the trainer, which finishes the step and saves; a worker killed by it
+    would crash the DataLoader first. The workers start with these signals blocked (`_start_workers`), so one
+    that arrives before this runs waits, and is then discarded. Module level: it pickles under spawn too."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _start_workers(make):
+    """make() (which starts DataLoader worker processes) with the stop signals blocked in this thread, so the
+    workers inherit the blocked mask and no signal can kill one between its start and `_ignore_stop_signals`;
+    the caller's mask is restored after (a signal that came meanwhile is delivered then)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return make()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return make()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_LIVE_WORKER_ITERS: "weakref.WeakSet" = weakref.WeakSet()  # train DataLoader iterators with workers
+_WORKER_PROCS: "weakref.WeakSet" = weakref.WeakSet()  # their worker processes (multiprocessing keeps them until reaped)
+
+
+def _stop_live_workers() -> None:
+    """atexit, before multiprocessing's own exit hook (registered earlier, so run later): that hook stops daemon
+    children with SIGTERM, which our workers ignore, and then joins them without a timeout, so a process exiting
+    with a train DataLoader iterator still referenced (a traceback, a reference cycle), or with a worker the
+    DataLoader failed to stop (its fallback is SIGTERM too), would hang there for ever. Shut live iterators down
+    the DataLoader's way (that also unregisters their pids from its SIGCHLD check), then SIGKILL any worker
+    still running."""
+    for it in list(_LIVE_WORKER_ITERS):
+        try:
+            it._shutdown_workers()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+    for w in list(_WORKER_PROCS):
+        try:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+atexit.register(_stop_live_workers)
 
 
 def media_modality(raw: dict) -> str | None:
@@ -78,9 +178,10 @@ class SampleDecoder:
 
     def __init__(self, cfg: DataConfig, modality: str, train: bool):
         self.modality, self.train, self.num_frames = modality, train, cfg.num_frames
+        self.max_pixels = cfg.max_image_pixels
         if modality == "image":
             self.tf = ImageTransform(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.normalize, train,
-                                     cfg.randaugment)
+                                     cfg.randaugment, max_pixels=cfg.max_image_pixels)
         else:
             self.tf = ClipTransform(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.normalize, train, cfg.randaugment)
 
@@ -102,14 +203,12 @@ class SampleDecoder:
             if self.modality == "image":
                 px = self.tf(data, rng)
             else:
-                px = self.tf(decode_clip(data, self.num_frames, rng if self.train else None), rng)
+                px = self.tf(decode_clip(data, self.num_frames, rng if self.train else None, self.max_pixels), rng)
+        except TooLarge:  # more pixels than data.max_image_pixels: refused before decoding
+            raise BadSample(f"oversize_{self.modality}") from None
         except Exception as exn:  # noqa: BLE001 - any decode failure makes the sample bad, not the run
             raise BadSample(f"bad_{self.modality}") from exn
         return px, caption
-
-
-class BadSampleTooMany(RuntimeError):
-    pass
 
 
 class _BadLog:
@@ -225,8 +324,9 @@ class _Source:
                     self.exhausted = True
                     return None
                 if empty_run > 10 * len(self.urls) + 100:  # resampled mode never runs out: avoid a silent hang
-                    raise RuntimeError(f"worker {self.g} (rank {self.rank}): {empty_run} shards in a row held no "
-                                       f"readable samples, e.g. {self.urls[shard]}")
+                    raise DataAbort(f"{self.badlog.where}: {empty_run} shards in a row of data.train[{self.si}] "
+                                    f"held no readable samples, e.g. {self.urls[shard]}; bad by reason "
+                                    f"{dict(self.badlog.reasons)}")
                 self._it = iter_samples(self.urls[shard], self.offset, shard)
                 empty_run += 1
             try:
@@ -261,8 +361,10 @@ class _Source:
             if self.buf:  # epoch input done: drain the buffer in random order
                 return self._emit(self.buf.pop(self.rng.randrange(len(self.buf))))
             if self.pos == 0:
-                raise RuntimeError(f"worker {self.g} (rank {self.rank}): shards "
-                                   f"{[self.urls[i] for i in self.order]} hold no readable samples")
+                raise DataAbort(f"{self.badlog.where}: its {len(self.order)} shard(s) of data.train[{self.si}] "
+                                f"hold no readable samples, e.g. {self.urls[self.order[0]]}; bad by reason "
+                                f"{dict(self.badlog.reasons)}. Fix or drop the shards (python "
+                                "datasets/inspect_shards.py lists them)")
             self._start_epoch(self.epoch + 1)
 
     def state(self) -> dict:
@@ -314,6 +416,14 @@ class _TrainStream(IterableDataset):
         return self.mod_names[_draw(self.mod_cum, random.Random(f"modality-{self.seed}-{n}"))]
 
     def _worker(self, w: int) -> Iterator[dict]:
+        """Batches of logical worker w. Unusable data (DataAbort) ends the stream with one {"__abort__": message}
+        record: raised here, the exception would reach the trainer wrapped in the DataLoader's worker traceback."""
+        try:
+            yield from self._batches(w)
+        except DataAbort as e:
+            yield {"__abort__": str(e)}
+
+    def _batches(self, w: int) -> Iterator[dict]:
         st = copy.deepcopy(self.start[w]) or {"sources": [None] * len(self.shard_lists), "batches": 0}
         g, G = self.rank * self.W + w, self.world_size * self.W
         badlog = _BadLog(self.cfg, f"train rank {self.rank} worker {w}", st)
@@ -363,7 +473,8 @@ class TrainLoader:
         self._meta = {"version": STATE_VERSION, "rank": stream.rank, "world_size": stream.world_size,
                       "num_workers": self.num_workers, "micro_batch_size": stream.B, "seed": stream.seed,
                       "shards": [len(s) for s in stream.shard_lists], "resampled": stream.cfg.resampled,
-                      "shuffle_buffer": stream.cfg.shuffle_buffer, "patterns": list(patterns)}
+                      "shuffle_buffer": stream.cfg.shuffle_buffer, "patterns": list(patterns),
+                      "shard_names": [[shard_name(u) for u in s] for s in stream.shard_lists]}
         self._batches = 0
         self._workers: list = [None] * stream.W
 
@@ -374,29 +485,66 @@ class TrainLoader:
             it = iter(self.stream)
         else:
             # own generator: creating the iterator must not consume the global torch RNG (model init/dropout)
-            it = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                 persistent_workers=False, generator=torch.Generator().manual_seed(self.stream.seed),
-                                 in_order=True))
-        for batch in it:
-            st = batch.pop("__state__")
-            self._workers[st.pop("worker")] = st
-            self._batches += 1
-            yield batch
+            loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                                generator=torch.Generator().manual_seed(self.stream.seed), in_order=True,
+                                worker_init_fn=_ignore_stop_signals)
+            it = _start_workers(lambda: iter(loader))
+            _LIVE_WORKER_ITERS.add(it)
+            _WORKER_PROCS.update(getattr(it, "_workers", []))
+        message = None
+        try:
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                if "__abort__" in batch:  # a worker met unusable data: one clean line, not a worker traceback
+                    message = batch["__abort__"]
+                    break
+                st = batch.pop("__state__")
+                self._workers[st.pop("worker")] = st
+                self._batches += 1
+                yield batch
+        finally:
+            # stop the workers now (abort, error, or the consumer letting go), not whenever the iterator object goes:
+            # an exception's traceback can keep it alive, and one collected by gc cannot stop its workers gracefully
+            # (the DataLoader's fallback is SIGTERM, which our workers ignore)
+            stop = getattr(it, "_shutdown_workers", None)
+            if stop is not None:
+                stop()
+        if message is not None:
+            raise DataAbort(message) from None
 
     def state_dict(self) -> dict:
         return {**copy.deepcopy(self._meta), "batches": self._batches, "workers": copy.deepcopy(self._workers)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} != {STATE_VERSION} (saved by another "
-                             "version of datasets/loader.py); exact resume is not possible from it")
-        for k, v in self._meta.items():
-            if k != "patterns" and state.get(k) != v:
-                raise ValueError(f"loader state was saved with {k}={state.get(k)!r} but this loader has {k}={v!r}; "
-                                 "exact resume needs the same ranks, workers, batch size, seed, shuffle buffer "
-                                 "and shards")
-        if len(state["workers"]) != self.stream.W:
-            raise ValueError("loader state has a different number of workers")
+        """Raises LoaderStateMismatch (a ValueError, one line naming the config key) when the state was saved
+        under another data layout."""
+        v = state.get("version")
+        if v not in READABLE_VERSIONS:
+            raise LoaderStateMismatch(f"data loader state: the checkpoint's data position has format version {v!r}, "
+                                      f"this code reads versions {', '.join(map(str, READABLE_VERSIONS))}; exact "
+                                      "resume is not possible from it (start a new --output_dir)")
+        for k, name in _META_KEYS.items():
+            if state.get(k) != self._meta[k]:
+                raise _mismatch(name, state.get(k), self._meta[k])
+        saved, now = state.get("shards"), self._meta["shards"]
+        if not isinstance(saved, list) or len(saved) != len(now):
+            raise _mismatch("data.train (number of sources)", len(saved) if isinstance(saved, list) else saved,
+                            len(now))
+        for i, (a, b) in enumerate(zip(saved, now)):
+            if a != b:
+                raise _mismatch(f"data.train[{i}].shards (shard count)", a, b)
+        for i, (a, b) in enumerate(zip(state.get("shard_names") or [None] * len(now), self._meta["shard_names"])):
+            if a is not None and a != b:
+                j = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+                raise LoaderStateMismatch(
+                    f"data.train[{i}].shards: the checkpoint's data position was saved with shard {j} = {a[j]!r}, "
+                    f"this run has {b[j]!r} there; exact resume needs the same shard list in the same order "
+                    "(restore it, or start a new --output_dir)")
+        if len(state.get("workers") or []) != self.stream.W:
+            raise _mismatch("data.num_workers (worker states)", len(state.get("workers") or []), self.stream.W)
         self._batches = int(state["batches"])
         self._workers = copy.deepcopy(state["workers"])
 
@@ -413,27 +561,55 @@ class TrainLoader:
                 "bad_by_reason": dict(bad), "worst_shards": shards.most_common(5)}
 
 
+def _expand(src: SourceConfig, where: str) -> list[str]:
+    try:
+        return expand_shards(src.shards)
+    except (FileNotFoundError, ValueError) as e:  # ValueError: braceexpand's unbalanced braces
+        raise ValueError(f"{where}.shards: {e}") from None
+
+
+def _train_shard_lists(cfg: DataConfig, world_size: int) -> list[list[str]]:
+    if not cfg.train:
+        raise ValueError("data.train: lists no sources; a run needs at least one train source")
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world size must be an int >= 1, got {world_size!r}")
+    per_rank = max(1, cfg.num_workers)
+    need = world_size * per_rank
+    shard_lists = []
+    for i, src in enumerate(cfg.train):
+        urls = _expand(src, f"data.train[{i}]")
+        if len(urls) < need and not cfg.resampled:
+            raise ValueError(f"data.train[{i}].shards: {src.shards!r} has {len(urls)} shards, fewer than world_size x "
+                             f"max(1, data.num_workers) = {world_size} x {per_rank} = {need}; every DataLoader "
+                             "worker on every rank needs its own shard (add shards, lower data.num_workers, or set "
+                             "data.resampled: true)")
+        shard_lists.append(urls)
+    return shard_lists
+
+
+def _eval_shard_lists(cfg: DataConfig) -> list[list[str]]:
+    return [_expand(src, f"data.eval[{i}]") for i, src in enumerate(cfg.eval)]
+
+
+def check_sources(cfg: DataConfig, world_size: int) -> None:
+    """Fail fast, before a model is built, on a data config no run can use: ValueError with one line naming
+    the key - no train source, a train or eval shard pattern that matches no file or has missing files, fewer
+    train shards than world_size x max(1, data.num_workers) (unless data.resampled). Also validates `cfg`."""
+    cfg.validate()
+    _train_shard_lists(cfg, world_size)
+    _eval_shard_lists(cfg)
+
+
 def build_train_loader(data_cfg: DataConfig, tokenizer, *, micro_batch_size: int, rank: int, world_size: int,
                        seed: int) -> TrainLoader:
     data_cfg.validate()
-    if not data_cfg.train:
-        raise ValueError("data.train lists no sources")
     if not (0 <= rank < world_size):
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    shard_lists = _train_shard_lists(data_cfg, world_size)
     # the fast tokenizer would otherwise warn (and disable itself) in forked workers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    need = world_size * max(1, data_cfg.num_workers)
-    shard_lists = []
-    for src in data_cfg.train:
-        urls = expand_shards(src.shards)
-        if len(urls) < need and not data_cfg.resampled:
-            raise ValueError(f"shard pattern {src.shards!r} has {len(urls)} shards, fewer than world_size x "
-                             f"max(1, num_workers) = {world_size} x {max(1, data_cfg.num_workers)} = {need}; "
-                             "every DataLoader worker on every rank needs at least one shard (or set "
-                             "data.resampled: true)")
-        shard_lists.append(urls)
     stream = _TrainStream(data_cfg, tokenizer, shard_lists, list(data_cfg.train), micro_batch_size, rank,
                           world_size, seed)
     return TrainLoader(stream, [s.shards for s in data_cfg.train])
@@ -449,10 +625,17 @@ class EvalLoader:
         self.cfg, self.tokenizer, self.shard_lists, self.batch_size = cfg, tokenizer, shard_lists, batch_size
         self.modalities = modalities
         self.decoders = {m: SampleDecoder(cfg, m, train=False) for m in set(modalities)}
-        self.bad: Counter = Counter()
+        self.bad: Counter = Counter()  # bad samples by reason in the last pass
+        self.bad_shards: Counter = Counter()  # ... and by shard url
 
     def __iter__(self) -> Iterator[dict]:
-        self.bad = Counter()
+        try:
+            yield from self._iter()
+        except DataAbort as e:  # raised while handling a bad sample: drop that chained context
+            raise DataAbort(str(e)) from None
+
+    def _iter(self) -> Iterator[dict]:
+        self.bad, self.bad_shards = Counter(), Counter()
         badlog = _BadLog(self.cfg, "eval")
         for si, (urls, modality) in enumerate(zip(self.shard_lists, self.modalities)):
             pix, caps, keys = [], [], []
@@ -463,6 +646,7 @@ class EvalLoader:
                             px, cap = self.decoders[modality](raw, None)
                         except BadSample as b:
                             self.bad[b.reason] += 1
+                            self.bad_shards[url] += 1
                             badlog.bad(b.reason, url, raw["__key__"])
                             continue
                         badlog.good()
@@ -474,6 +658,7 @@ class EvalLoader:
                             pix, caps, keys = [], [], []
                 except TarError as e:
                     self.bad[e.reason] += 1
+                    self.bad_shards[url] += 1
                     badlog.bad(e.reason, url, f"@byte{e.offset}")
             if pix:
                 yield self._batch(pix, caps, keys, si, modality)
@@ -487,8 +672,8 @@ class EvalLoader:
 def build_eval_loader(data_cfg: DataConfig, tokenizer, *, batch_size: int) -> EvalLoader:
     data_cfg.validate()
     if not data_cfg.eval:
-        raise ValueError("data.eval lists no sources")
+        raise ValueError("data.eval: lists no sources")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return EvalLoader(data_cfg, tokenizer, [expand_shards(s.shards) for s in data_cfg.eval],
-                      [s.modality for s in data_cfg.eval], batch_size)
+    return EvalLoader(data_cfg, tokenizer, _eval_shard_lists(data_cfg), [s.modality for s in data_cfg.eval],
+                      batch_size)

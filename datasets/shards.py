@@ -24,10 +24,14 @@ import braceexpand
 BLOCK = 512
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _READ_CHUNK = 1 << 20
+_BIG_READ = 64 << 20  # members larger than this are read in chunks: a garbled size never allocates up front
 
 
 class TarError(Exception):
-    """A shard that cannot be read on: `reason` is "truncated_tar" or "corrupt_tar"."""
+    """A shard that cannot be read on. `reason`: "truncated_tar" (the file ends inside a member), "corrupt_tar"
+    (a garbled header, number field or pax record), "not_a_tar" (the file does not start with a tar header: an
+    HTML/XML error page or random bytes saved under a .tar name) or "empty_shard" (a shard read from its start
+    holds no sample, e.g. a zero-byte file)."""
 
     def __init__(self, reason: str, url: str, offset: int, detail: str):
         super().__init__(f"{reason} in {url} at byte {offset}: {detail}")
@@ -115,11 +119,20 @@ def _seek(f, offset: int) -> None:
         f.seek(offset)
 
 
-def _octal(field: bytes) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+class _Garbled(Exception):
+    """A header, number field or pax record that does not parse (turned into TarError with url and offset)."""
+
+
+def _octal(field: bytes, what: str) -> int:
+    """A tar number field: NUL/space-terminated octal, or GNU base-256 (first byte 0x80) for large values."""
+    if field and field[0] == 0x80:  # GNU base-256 for sizes >= 8 GiB (0xff would be a negative number)
         return int.from_bytes(field[1:], "big")
     s = field.split(b"\0", 1)[0].strip()
-    return int(s, 8) if s else 0
+    if not s:
+        return 0
+    if not all(48 <= c <= 55 for c in s):  # digits 0-7 only (int() would also take '+', '_' and spaces)
+        raise _Garbled(f"{what} field is not an octal number: {bytes(field)!r}")
+    return int(s, 8)
 
 
 def _cstr(field: bytes) -> str:
@@ -127,40 +140,76 @@ def _cstr(field: bytes) -> str:
 
 
 def _pax(data: bytes) -> dict[str, str]:
+    """Records "LEN KEY=VALUE\n" (LEN counts the whole record, itself included)."""
     out, i = {}, 0
     while i < len(data):
-        sp = data.index(b" ", i)
-        n = int(data[i:sp])
-        key, _, val = data[sp + 1:i + n - 1].partition(b"=")
-        out[key.decode()] = val.decode("utf-8", "surrogateescape")
-        i += n
+        if data[i] == 0 and data.count(b"\0", i) == len(data) - i:
+            break  # NUL padding after the last record
+        sp = data.find(b" ", i, i + 21)
+        digits = data[i:sp] if sp > i else b""
+        if not digits or not digits.isdigit():
+            raise _Garbled(f"pax record at {i} has no length: {data[i:i + 40]!r}")
+        n = int(digits)
+        end = i + n
+        if end > len(data) or n <= sp - i + 1 or data[end - 1:end] != b"\n":
+            raise _Garbled(f"pax record at {i} has a wrong length {n}: {data[i:i + 40]!r}")
+        key, eq, val = data[sp + 1:end - 1].partition(b"=")
+        if not eq or not key:
+            raise _Garbled(f"pax record at {i} is not KEY=VALUE: {data[i:i + 40]!r}")
+        out[key.decode("utf-8", "surrogateescape")] = val.decode("utf-8", "surrogateescape")
+        i = end
     return out
+
+
+def _read(f, n: int) -> bytes:
+    """Up to n bytes (fewer only at EOF); a large n is read in chunks so memory grows only with real data."""
+    if n <= _BIG_READ:
+        return f.read(n)
+    parts, left = [], n
+    while left:
+        part = f.read(min(left, _BIG_READ))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def _members(f, url: str, start: int) -> Iterator[tuple[int, str, bytes]]:
     """(offset of the member's first header, name, data) for each regular file from byte `start` on.
-    Raises TarError on a truncated or garbled archive. Stops at the end-of-archive block or a clean EOF."""
+    Raises TarError on a truncated or garbled archive (never ValueError: every number field and pax record is
+    checked), "not_a_tar" when the file's very first header is not a tar header. Stops at the end-of-archive
+    block or a clean EOF."""
     _seek(f, start)
     pos, first, longname, pax = start, None, None, {}
     while True:
         hdr = f.read(BLOCK)
+        at = pos if first is None else first
         if not hdr and first is None:
             return  # clean EOF on a member boundary (archive without end blocks)
-        if len(hdr) < BLOCK:
-            raise TarError("truncated_tar", url, pos if first is None else first, "file ends inside a header")
         if hdr == b"\0" * BLOCK:
             if first is not None:
                 raise TarError("corrupt_tar", url, first, "end-of-archive block after an extended header")
             return
-        chk = _octal(hdr[148:156])
-        if chk != sum(hdr[:148]) + 8 * 32 + sum(hdr[156:]):
-            raise TarError("corrupt_tar", url, pos if first is None else first, "bad header checksum")
-        if first is None:
-            first = pos
-        size, kind = _octal(hdr[124:136]), hdr[156:157]
-        size = int(pax.get("size", size)) if kind in (b"0", b"\0", b"7") else size
+        if pos == 0 and (len(hdr) < BLOCK or not _header_ok(hdr)):
+            raise TarError("not_a_tar", url, 0, f"the file does not start with a tar header; its first bytes are "
+                                                f"{hdr[:48]!r} (an error page saved by a failed download?)")
+        if len(hdr) < BLOCK:
+            raise TarError("truncated_tar", url, at, "file ends inside a header")
+        try:
+            if not _header_ok(hdr):
+                raise _Garbled("bad header checksum")
+            if first is None:
+                first = pos
+            size, kind = _octal(hdr[124:136], "size"), hdr[156:157]
+            if kind in (b"0", b"\0", b"7") and "size" in pax:
+                if not pax["size"].isdigit():
+                    raise _Garbled(f"pax size is not a number: {pax['size'][:40]!r}")
+                size = int(pax["size"])
+        except _Garbled as g:
+            raise TarError("corrupt_tar", url, at, str(g)) from None
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
-        data = f.read(size)
+        data = _read(f, size)
         if len(data) < size:
             raise TarError("truncated_tar", url, first, f"file ends inside member data ({len(data)} of {size} bytes)")
         if padded > size and len(f.read(padded - size)) < padded - size:
@@ -170,7 +219,10 @@ def _members(f, url: str, start: int) -> Iterator[tuple[int, str, bytes]]:
             longname = _cstr(data)
             continue
         if kind == b"x":
-            pax = _pax(data)
+            try:
+                pax = _pax(data)
+            except _Garbled as g:
+                raise TarError("corrupt_tar", url, first, str(g)) from None
             continue
         if kind in (b"0", b"\0", b"7"):
             if "path" in pax:
@@ -184,6 +236,15 @@ def _members(f, url: str, start: int) -> Iterator[tuple[int, str, bytes]]:
             yield first, name, data
         # directories, links, global pax headers and the like carry no sample data
         first, longname, pax = None, None, {}
+
+
+def _header_ok(hdr: bytes) -> bool:
+    """The checksum field parses and matches (unsigned sum of the header with the field read as spaces)."""
+    try:
+        chk = _octal(hdr[148:156], "checksum")
+    except _Garbled:
+        return False
+    return chk == sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
 
 
 def _samples_from(f, url: str, start: int, shard: int | None) -> Iterator[tuple[dict, int]]:
@@ -214,14 +275,22 @@ def _samples_from(f, url: str, start: int, shard: int | None) -> Iterator[tuple[
 
 
 def iter_samples(url: str, start: int = 0, shard: int | None = None) -> Iterator[tuple[dict, int]]:
-    """Open `url` and yield (sample, next_offset) from byte `start` (a sample boundary) to the end."""
+    """Open `url` and yield (sample, next_offset) from byte `start` (a sample boundary) to the end. A shard
+    read from its start that holds no sample at all raises TarError "empty_shard" at the end."""
     with open_shard(url) as f:
+        n = 0
         try:
-            yield from _samples_from(f, url, start, shard)
+            for item in _samples_from(f, url, start, shard):
+                n += 1
+                yield item
         except TarError:
             if isinstance(f, _PipeFile):
                 f.check()  # a failed command explains the truncation better than "truncated tar"
             raise
+        if n == 0 and start == 0:
+            what = "the command printed nothing" if isinstance(f, _PipeFile) else (
+                "the file is empty (0 bytes)" if f.tell() == 0 else "the tar holds no sample")
+            raise TarError("empty_shard", url, 0, what)
 
 
 def read_samples_at(url: str, offsets: list[int], shard: int | None = None) -> dict[int, dict]:

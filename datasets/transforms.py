@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -16,6 +17,16 @@ MEAN_STD = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+
+
+class TooLarge(ValueError):
+    """An image or video frame with more pixels than the configured cap (`data.max_image_pixels`), found from the
+    header before its pixels are decoded."""
+
+
+def check_pixels(width: int, height: int, cap: int | None) -> None:
+    if cap is not None and width * height > cap:
+        raise TooLarge(f"{width}x{height} = {width * height} pixels > max_image_pixels {cap}")
 
 
 def random_resized_crop_box(h: int, w: int, scale: tuple, rng: random.Random,
@@ -69,15 +80,24 @@ def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 class ImageTransform:
     """bytes -> (1, 3, S, S) uint8 (normalised later by `normalize_pixels`). train: random resized crop (+ optional
     hflip, + optional RandAugment); eval: centre. A JPEG much larger than the crop is decoded at 1/2..1/8 scale
-    (PIL draft: DCT scaling, far cheaper than a full decode + resize)."""
+    (PIL draft: DCT scaling, far cheaper than a full decode + resize). An image that would still decode to more
+    than `max_pixels` pixels raises TooLarge before any pixel is decoded (Image.open reads the header only)."""
 
-    def __init__(self, size: int, crop_scale, hflip: bool, normalize: str, train: bool, randaugment=None):
+    def __init__(self, size: int, crop_scale, hflip: bool, normalize: str, train: bool, randaugment=None,
+                 max_pixels: int | None = None):
         self.size, self.crop_scale, self.hflip, self.train = size, tuple(crop_scale), hflip, train
         self.normalize = normalize  # carried into the batch, applied on the device
         self.randaug = _randaugment(randaugment) if train else None
+        self.max_pixels = max_pixels
 
     def __call__(self, data: bytes, rng: random.Random | None) -> torch.Tensor:
-        with Image.open(io.BytesIO(data)) as im:
+        try:
+            with warnings.catch_warnings():  # PIL warns above its own limit; our cap below decides
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:  # over twice PIL's own limit: PIL refuses to open it at all
+            raise TooLarge(str(e)) from None
+        with im:
             w, h = im.size
             if self.train:
                 top, left, ch, cw = random_resized_crop_box(h, w, self.crop_scale, rng)
@@ -90,6 +110,7 @@ class ImageTransform:
                 sx, sy = im.size[0] / w, im.size[1] / h
                 top, left = int(top * sy), int(left * sx)
                 ch, cw = max(1, min(round(ch * sy), im.size[1] - top)), max(1, min(round(cw * sx), im.size[0] - left))
+            check_pixels(*im.size, self.max_pixels)  # after draft: what convert() below would really decode
             im = im.convert("RGB")  # also forces the full decode, so truncated files fail here
             # a writable buffer (np.asarray of a PIL image is read-only, which torch warns about)
             a = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.size[1], im.size[0], 3)

@@ -28,11 +28,20 @@ class FusionConfig:
     layer_norm_eps: float = 1e-12
 
     def validate(self) -> None:
+        for name in ("hidden_size", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.fusion.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.fusion.hidden_size={self.hidden_size} is not divisible by "
                              f"num_heads={self.num_heads}")
         if self.num_layers < 1:
             raise ValueError(f"model.fusion.num_layers must be >= 1, got {self.num_layers}")
+        if not self.mlp_ratio > 0 or int(self.hidden_size * self.mlp_ratio) < 1:
+            raise ValueError(f"model.fusion.mlp_ratio must be > 0 (an FFN of at least 1 unit), got {self.mlp_ratio}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.fusion.dropout must be in [0, 1), got {self.dropout}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"model.fusion.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
 
 
 class Attention(nn.Module):

@@ -36,6 +36,16 @@ class TextConfig:
     def validate(self) -> None:
         if self.tokenizer is None and self.pretrained is None:
             raise ValueError("model.text: set `tokenizer` (a local tokenizer dir or 'minilm') when `pretrained` is unset")
+        # The sizes build the random-init model (with `pretrained` they are ignored, but must still make sense).
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size",
+                     "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.text.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.text.hidden_size={self.hidden_size} is not divisible by "
+                             f"num_heads={self.num_heads}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.text.dropout must be in [0, 1), got {self.dropout}")
 
 
 def resolve_path(name: str) -> str:
@@ -46,6 +56,26 @@ def resolve_path(name: str) -> str:
     if not Path(name).is_dir():
         raise FileNotFoundError(f"model.text: {name!r} is not a local transformers directory (nothing is downloaded)")
     return name
+
+
+def model_sizes(cfg: TextConfig) -> dict:
+    """{"vocab_size", "max_text_len"} of the text model `cfg` builds, without building it (a pretrained directory's
+    config.json is read; a key it lacks is left out). max_text_len: the longest input its position table covers."""
+    if cfg.pretrained is None:
+        return {"vocab_size": cfg.vocab_size, "max_text_len": cfg.max_position_embeddings}
+    import json
+
+    with open(os.path.join(resolve_path(cfg.pretrained), "config.json")) as f:
+        hf = json.load(f)
+    out = {}
+    if isinstance(hf.get("vocab_size"), int):
+        out["vocab_size"] = hf["vocab_size"]
+    if isinstance(hf.get("max_position_embeddings"), int):
+        # RoBERTa-style models start positions at padding_idx + 1, so two rows are never used by text
+        pad = hf.get("pad_token_id")
+        offset = (pad if isinstance(pad, int) else 1) + 1 if hf.get("model_type") in ("roberta", "xlm-roberta") else 0
+        out["max_text_len"] = hf["max_position_embeddings"] - offset
+    return out
 
 
 def load_tokenizer(cfg: TextConfig):

@@ -17,6 +17,7 @@ a module's own parameters only when that module's forward is called).
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -47,10 +48,77 @@ class VisionConfig:
     pretrained: Optional[str] = None
 
     def validate(self) -> None:
+        """Every check that needs no weights: field ranges, the timm name, and the architecture it resolves to (built
+        on the meta device, so nothing is allocated): a timm ViT the encoder supports, img_size a multiple of the
+        patch size, drop_last_blocks leaving at least one block."""
         if self.drop_last_blocks < 0:
             raise ValueError(f"model.vision.drop_last_blocks must be >= 0, got {self.drop_last_blocks}")
         if self.max_frames < 1:
             raise ValueError(f"model.vision.max_frames must be >= 1, got {self.max_frames}")
+        if self.img_size < 1:
+            raise ValueError(f"model.vision.img_size must be >= 1, got {self.img_size}")
+        for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"model.vision.{name} must be null (the timm default) or >= 1, got {value}")
+        if self.mlp_ratio is not None and not self.mlp_ratio > 0:
+            raise ValueError(f"model.vision.mlp_ratio must be null (the timm default) or > 0, got {self.mlp_ratio}")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"model.vision.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if not timm.is_model(self.timm_name):
+            close = difflib.get_close_matches(self.timm_name, timm.list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else " (see timm.list_models('vit_*'))"
+            raise ValueError(f"model.vision.timm_name: unknown timm model {self.timm_name!r}{hint}")
+        if self.embed_dim is not None and self.num_heads is not None and self.embed_dim % self.num_heads:
+            raise ValueError(f"model.vision.embed_dim={self.embed_dim} is not divisible by "
+                             f"model.vision.num_heads={self.num_heads}")
+        with torch.device("meta"):
+            vit = create_vit(self)
+        patch = tuple(vit.patch_embed.patch_size)
+        if self.img_size % patch[0] or self.img_size % patch[1]:
+            key = "model.vision.patch_size" if self.patch_size is not None else f"the patch size of {self.timm_name}"
+            raise ValueError(f"model.vision.img_size={self.img_size} is not a multiple of {key} "
+                             f"({'x'.join(map(str, patch))}); the border pixels would be cut off")
+
+
+def create_vit(cfg: VisionConfig) -> VisionTransformer:
+    """The timm ViT that VisionEncoder adopts, checked to be one the flexible encoder supports (ValueError
+    naming model.vision.* otherwise). Under `torch.device("meta")` it only resolves the architecture."""
+    overrides = {k: getattr(cfg, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+                 if getattr(cfg, k) is not None}
+    if not timm.is_model(cfg.timm_name):
+        raise ValueError(f"model.vision.timm_name: unknown timm model {cfg.timm_name!r}")
+    try:
+        vit = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, global_pool="",
+                                img_size=cfg.img_size, drop_path_rate=cfg.drop_path_rate, **overrides)
+    except TypeError as e:  # e.g. a CNN rejects img_size
+        raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} is not a timm VisionTransformer ({e})") from None
+    except (AssertionError, ValueError) as e:  # e.g. timm: "dim should be divisible by num_heads"
+        msg = str(e) or type(e).__name__
+        if "num_heads" in msg and ("embed_dim" in overrides or "num_heads" in overrides):
+            with torch.device("meta"):   # the named model's own sizes, to say which pair disagrees
+                ref = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, global_pool="")
+            embed = cfg.embed_dim or ref.embed_dim
+            heads = cfg.num_heads or ref.blocks[0].attn.num_heads
+            default = lambda k: "" if getattr(cfg, k) is not None else f" (the default of {cfg.timm_name})"
+            raise ValueError(f"model.vision.embed_dim={embed}{default('embed_dim')} is not divisible by "
+                             f"model.vision.num_heads={heads}{default('num_heads')}") from None
+        sizes = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its default sizes"
+        raise ValueError(f"model.vision: timm cannot build {cfg.timm_name!r} with {sizes}: {msg}") from None
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} is not a timm VisionTransformer")
+    if vit.cls_token is None or vit.reg_token is not None or vit.no_embed_class or vit.pos_embed is None:
+        raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} needs one class token, no register tokens "
+                         "and an absolute position embedding that covers the class token")
+    for blk in vit.blocks:
+        attn = getattr(blk, "attn", None)
+        if attn is None or not hasattr(attn, "qkv") or getattr(attn, "gate", None) is not None:
+            raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} has blocks whose attention is not "
+                             "timm's fused-qkv Attention; the video path needs it")
+    if len(vit.blocks) - cfg.drop_last_blocks < 1:
+        raise ValueError(f"model.vision.drop_last_blocks={cfg.drop_last_blocks} leaves no block "
+                         f"({len(vit.blocks)} in {cfg.timm_name})")
+    return vit
 
 
 class VisionOutput(NamedTuple):
@@ -69,29 +137,8 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         cfg.validate()
-        overrides = {k: getattr(cfg, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-                     if getattr(cfg, k) is not None}
-        if not timm.is_model(cfg.timm_name):
-            raise ValueError(f"model.vision.timm_name: unknown timm model {cfg.timm_name!r}")
-        try:
-            vit = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, global_pool="",
-                                    img_size=cfg.img_size, drop_path_rate=cfg.drop_path_rate, **overrides)
-        except TypeError as e:  # e.g. a CNN rejects img_size
-            raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} is not a timm VisionTransformer ({e})") from None
-        if not isinstance(vit, VisionTransformer):
-            raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} is not a timm VisionTransformer")
-        if vit.cls_token is None or vit.reg_token is not None or vit.no_embed_class or vit.pos_embed is None:
-            raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} needs one class token, no register tokens "
-                             "and an absolute position embedding that covers the class token")
-        for blk in vit.blocks:
-            attn = getattr(blk, "attn", None)
-            if attn is None or not hasattr(attn, "qkv") or getattr(attn, "gate", None) is not None:
-                raise ValueError(f"model.vision.timm_name: {cfg.timm_name!r} has blocks whose attention is not "
-                                 "timm's fused-qkv Attention; the video path needs it")
+        vit = create_vit(cfg)
         keep = len(vit.blocks) - cfg.drop_last_blocks
-        if keep < 1:
-            raise ValueError(f"model.vision.drop_last_blocks={cfg.drop_last_blocks} leaves no block "
-                             f"({len(vit.blocks)} in {cfg.timm_name})")
 
         self.cfg = cfg
         self.patch_embed = vit.patch_embed

@@ -14,7 +14,8 @@
 #    the step, saves a checkpoint on all ranks and exits with status 75 (GLSCL_EXIT_STOPPED).
 # 5. Exit status of the tasks: 0 = finished -> job ends; 75 = stopped after a save -> `scontrol requeue` when the
 #    stop came from SIGUSR1, a new checkpoint was written during this job, and fewer than MAX_REQUEUES restarts
-#    happened; anything else = crash -> the job fails and is NOT requeued.
+#    happened; anything else (2 = bad config or input, 3 = diverged, other = crash) -> the job fails and is NOT
+#    requeued.
 #    After SIGTERM (scancel, or preemption without a user signal) the job is not requeued by us: scancel means stop,
 #    and a preempting SLURM with PreemptMode=REQUEUE requeues the job itself.
 #

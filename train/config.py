@@ -8,6 +8,7 @@ an unknown key, a wrong type or a bad literal is one ConfigError naming the file
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -19,7 +20,10 @@ import yaml
 
 
 class ConfigError(Exception):
-    """A bad config or command line; its message is the single line shown to the user."""
+    """A bad config or command line; its message is the single line shown to the user (newlines are folded)."""
+
+    def __init__(self, message: Any = ""):
+        super().__init__(" ".join(str(message).split("\n")).strip())
 
 
 @dataclass
@@ -49,6 +53,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     save_every: int = 0                   # 0: save only at the end
     keep_last: int = 2                    # checkpoints kept (older step_N tags are deleted)
+    # optimizer steps with a non-finite loss or gradient are skipped; this many in a row stop the run (exit 3)
+    max_skipped_steps: int = 10
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
     output_dir: Optional[str] = None      # default: runs/<config file name>
 
@@ -62,8 +68,15 @@ def _type_name(tp: Any) -> str:
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
-def convert(tp: Any, value: Any, key: str) -> Any:
-    """Check `value` against type hint `tp` and return it converted; raise ConfigError('key: ...') otherwise."""
+# A float field that may legitimately be inf/nan says so with `field(metadata={ALLOW_NONFINITE: True})`;
+# every other float (also inside lists and mappings) must be finite.
+ALLOW_NONFINITE = "allow_nonfinite"
+
+
+def convert(tp: Any, value: Any, key: str, finite: bool = True) -> Any:
+    """Check `value` against type hint `tp` and return it converted; raise ConfigError('key: ...') otherwise.
+
+    finite: floats must be finite (not inf/nan)."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -76,7 +89,7 @@ def convert(tp: Any, value: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return convert(arg, value, key)
+                return convert(arg, value, key, finite)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -92,15 +105,15 @@ def convert(tp: Any, value: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-            return tuple(convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(convert(a, v, f"{key}[{i}]", finite) for i, (a, v) in enumerate(zip(args, value)))
         item = args[0] if args else Any
-        out = [convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        out = [convert(item, v, f"{key}[{i}]", finite) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
         kt, vt = typing.get_args(tp) or (Any, Any)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {convert(kt, k, key): convert(vt, v, f"{key}.{k}") for k, v in value.items()}
+        return {convert(kt, k, key, finite): convert(vt, v, f"{key}.{k}", finite) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, key)
     if tp is bool:
@@ -114,10 +127,16 @@ def convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         # YAML 1.1 reads `1e-4` (no dot) as a string, so numeric-looking strings count as floats.
         if isinstance(value, str) and _NUMBER.match(value.strip()):
-            return float(value)
+            value = float(value)   # may still overflow to inf (1e999)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:   # an int too large for a float
+            raise ConfigError(f"{key}: {value} is too large for a float") from None
+        if finite and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected str, got {value!r}")
@@ -146,7 +165,7 @@ def build_dataclass(cls: type, value: Any, key: str = "") -> Any:
     for name, f in fields.items():
         sub = f"{key}.{name}" if key else name
         if name in value:
-            kwargs[name] = convert(hints[name], value[name], sub)
+            kwargs[name] = convert(hints[name], value[name], sub, finite=not f.metadata.get(ALLOW_NONFINITE, False))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{sub}: missing required key")
     try:
@@ -154,8 +173,8 @@ def build_dataclass(cls: type, value: Any, key: str = "") -> Any:
         if callable(getattr(obj, "validate", None)):   # models/ and datasets/ configs check their own ranges
             obj.validate()
         return obj
-    except (TypeError, ValueError) as e:
-        msg = str(e)
+    except (TypeError, ValueError, ArithmeticError, AssertionError) as e:   # never a traceback for a bad value
+        msg = str(e) or type(e).__name__
         # their messages usually name the dotted key already; add ours only when they do not
         raise ConfigError(msg if key and msg.startswith(key.split(".")[0] + ".") else f"{where}{msg}") from None
 
@@ -204,14 +223,22 @@ def _validate_train(t: TrainConfig) -> None:
     check(0 <= t.warmup_ratio <= 1, "warmup_ratio", "must be in [0, 1]")
     check(0 <= t.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
     check(len(t.betas) == 2, "betas", "expected 2 values")
+    check(all(0 <= b < 1 for b in t.betas), "betas", f"each must be in [0, 1), got {t.betas}")
+    check(t.eps > 0, "eps", f"must be > 0, got {t.eps}")
+    check(t.weight_decay >= 0, "weight_decay", f"must be >= 0, got {t.weight_decay}")
+    for prefix, mult in t.lr_multipliers.items():
+        check(mult >= 0, f"lr_multipliers.{prefix}", f"must be >= 0, got {mult}")
+    check(0 <= t.seed < 2 ** 32, "seed", f"must be in [0, 2**32), got {t.seed}")
     check(t.log_every > 0, "log_every", "must be > 0")
     check(t.eval_every >= 0, "eval_every", "must be >= 0")
     check(t.save_every >= 0, "save_every", "must be >= 0")
     check(t.keep_last >= 1, "keep_last", "must be >= 1")
+    check(t.max_skipped_steps >= 1, "max_skipped_steps", "must be >= 1")
     check(t.eval_batch_size > 0, "eval_batch_size", "must be > 0")
     for tower in ("vision", "text", "fusion"):
         k = getattr(t.activation_checkpointing, tower)
         check(k >= -1, f"activation_checkpointing.{tower}", "must be -1 (all), 0 (none) or a layer count")
+    check(t.output_dir is None or t.output_dir.strip() != "", "output_dir", "must be a non-empty path")
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:
@@ -221,6 +248,8 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
             tree = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:   # a directory, no permission, a binary file
+        raise ConfigError(f"{path}: cannot read config file: {getattr(e, 'strerror', None) or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
     tree = tree or {}
@@ -254,7 +283,10 @@ def config_from_dict(tree: dict, name: str = "run") -> Config:
     for obj_name, raw in objectives_raw.items():
         if obj_name not in OBJECTIVE_CONFIGS:
             raise ConfigError(f"objectives.{obj_name}: unknown objective (known: {', '.join(OBJECTIVE_CONFIGS)})")
-        objectives[obj_name] = build_dataclass(OBJECTIVE_CONFIGS[obj_name], raw, f"objectives.{obj_name}")
+        obj = objectives[obj_name] = build_dataclass(OBJECTIVE_CONFIGS[obj_name], raw, f"objectives.{obj_name}")
+        weight = getattr(obj, "weight", None)   # every objective's loss weight, also of objectives added later
+        if weight is not None and not weight >= 0:
+            raise ConfigError(f"objectives.{obj_name}.weight: must be >= 0, got {weight}")
     train = build_dataclass(TrainConfig, tree.get("train"), "train")
     _validate_train(train)
     if train.output_dir is None:

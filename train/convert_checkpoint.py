@@ -94,6 +94,15 @@ def consolidate(path: str) -> tuple[dict, dict, dict]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         ds_logger.setLevel(logging.WARNING)
+        # DeepSpeed's consolidation unpickles with weights_only=False: first prove every file is plain data
+        # (weights_only, mmap: the pickles are read, the tensor bytes are not).
+        from train.checkpoint_io import CheckpointError, safe_load
+        for name in sorted(os.listdir(tag_dir)):
+            if name.endswith(".pt"):
+                try:
+                    safe_load(os.path.join(tag_dir, name), mmap=True)
+                except CheckpointError as e:
+                    raise UserError(str(e)) from None
         try:
             sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:

@@ -28,11 +28,20 @@ import torch
 import torch.distributed as torch_dist
 
 from datasets.transforms import normalize_pixels
+from train.checkpoint_io import COMPLETE, CheckpointError, files_for_rank, find_resume_tag, \
+    install_safe_checkpoint_engine, remove_stale_tmp, safe_load
 from train.config import ConfigError, TrainConfig
 from train.distributed import DistInfo, TorchGather, all_reduce_mean, barrier
-from train.optim import build_optimizer, build_scheduler
+from train.optim import apply_hyperparameters, build_optimizer, build_scheduler
 
 CHECKPOINT_DIR = "checkpoints"
+# Config keys whose change on resume cannot be applied to the restored optimizer (its groups are built from them).
+RESUME_FIXED = ("train.lr_multipliers",)
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradients non-finite for train.max_skipped_steps steps in a row, or non-finite weights at a save;
+    the message is the one line shown to the user."""
 
 
 # ----------------------------------------------------------------------------------------------- ds_config
@@ -80,6 +89,17 @@ def prepare_ds_config(ds: dict, train: TrainConfig, world_size: int, path: str =
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.startswith(RESUME_FIXED):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -100,15 +120,24 @@ def atomic_torch_save(obj, path: str) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain python types, so that it loads with weights_only=True."""
+    version, internal, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -176,9 +205,18 @@ class Engine:
         optimizer = build_optimizer(model, train_cfg)
         self.lr_mult0 = optimizer.param_groups[0]["lr_mult"]
         scheduler = build_scheduler(optimizer, train_cfg)
+        self.base_optimizer = optimizer   # the SkippableAdamW that DeepSpeed wraps (ZeRO) or drives (stage 0)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
         self.zero_stage = self.ds.zero_optimization_stage()
+        install_safe_checkpoint_engine(self.ds)
+        if self.zero_stage in (1, 2):
+            # DeepSpeed checks ZeRO-1/2 gradients for inf/NaN only under bf16/fp16; we want it for fp32 too (its
+            # skip is agreed across ranks and shows in was_step_applied()). ZeRO-3 checks its norm in any dtype.
+            self.ds.optimizer.check_grad_overflow = True
+        self.skipped_steps = 0          # optimizer steps skipped for non-finite loss/gradients, whole run
+        self._bad_run: list[int] = []   # the current run of consecutive skipped steps
+        self._own_grad_norm = None
         if self.ds.bfloat16_enabled():
             self.dtype = torch.bfloat16
         elif self.ds.fp16_enabled():
@@ -230,72 +268,134 @@ class Engine:
         it = iter(self.loader)
         sums: dict[str, torch.Tensor] = {}
         micro_count, video_count, data_time, step_time = 0, 0, 0.0, 0.0
+        skip = False
         seen_video = False
         window_start, window_steps = time.perf_counter(), 0
         stopped = False
         self.ds.train()
-        while self.step < cfg.max_steps:
-            if self._stop_agreed():
-                stopped = True
-                break
-            t_step = time.perf_counter()
-            for _ in range(self.gas):
-                t0 = time.perf_counter()
-                batch = next(it)
-                data_time += time.perf_counter() - t0
-                video_count += batch.get("modality") == "video"
-                out = self.ds(self.to_device(batch))
-                self.ds.backward(out["loss"])
-                self.ds.step()
-                for name, value in self._scalars(out).items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float()
-                micro_count += 1
-            self.step += 1
-            window_steps += 1
-            step_time += time.perf_counter() - t_step
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                elapsed = time.perf_counter() - window_start
-                names = sorted(sums)
-                values = all_reduce_mean(torch.stack([sums[n] for n in names]) / micro_count).tolist()
-                record = {"step": self.step, **dict(zip(names, values)), "lr": self.current_lr(),
-                          "samples_per_sec": cfg.global_batch_size * window_steps / elapsed,
-                          "samples_per_sec_per_rank": cfg.global_batch_size * window_steps / elapsed
-                          / self.dist.world_size,
-                          "data_time": data_time / window_steps, "step_time": step_time / window_steps,
-                          "samples_seen": self.step * cfg.global_batch_size}
-                seen_video = seen_video or video_count > 0
-                if seen_video:  # mixed or video runs: the share of video micro batches (the same on every rank)
-                    record["video_batch_fraction"] = video_count / micro_count
-                record.update(self._data_health())
-                grad_norm = self.ds.get_global_grad_norm()
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                if self.dtype == torch.float16:
-                    record["loss_scale"] = float(self.optimizer.cur_scale)
-                if main:
-                    self._write_metrics(metrics_path, writer, record)
-                    bar.set_postfix_str(self._postfix(record), refresh=False)
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"loss is {record['loss']} at step {self.step}; stopping")
-                sums, micro_count, video_count, data_time, step_time = {}, 0, 0, 0.0, 0.0
-                window_start, window_steps = time.perf_counter(), 0
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
-                self.evaluate(writer)
-            if cfg.save_every and self.step % cfg.save_every == 0:
-                self.save()
-        bar.close()
+        saved = None
+        try:   # a raised error must not leave the bar's half line in front of its message
+            while self.step < cfg.max_steps:
+                if self._stop_agreed():
+                    stopped = True
+                    break
+                t_step = time.perf_counter()
+                step_sums: dict[str, torch.Tensor] = {}
+                loss_bad = torch.zeros((), dtype=torch.bool, device=self.device)
+                step_video = 0
+                for micro in range(self.gas):
+                    t0 = time.perf_counter()
+                    batch = next(it)
+                    data_time += time.perf_counter() - t0
+                    step_video += batch.get("modality") == "video"
+                    out = self.ds(self.to_device(batch))
+                    loss_bad |= ~torch.isfinite(out["loss"].detach())   # no sync here: read once per step below
+                    self.ds.backward(out["loss"])
+                    skip = self._veto_if_nonfinite(loss_bad) if micro == self.gas - 1 else False
+                    self.ds.step()
+                    for name, value in self._scalars(out).items():
+                        step_sums[name] = step_sums.get(name, 0.0) + value.detach().float()
+                self.step += 1
+                window_steps += 1
+                step_time += time.perf_counter() - t_step
+                bar.update(1)
+                if self._after_step(skip):   # a healthy step: its losses count in the logged means
+                    for name, value in step_sums.items():
+                        sums[name] = sums.get(name, 0.0) + value
+                    micro_count += self.gas
+                    video_count += step_video
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    names = sorted(sums)
+                    values = all_reduce_mean(torch.stack([sums[n] for n in names]) / micro_count).tolist() if names \
+                        else []
+                    record = {"step": self.step, **dict(zip(names, values)), "lr": self.current_lr(),
+                              "samples_per_sec": cfg.global_batch_size * window_steps / elapsed,
+                              "samples_per_sec_per_rank": cfg.global_batch_size * window_steps / elapsed
+                              / self.dist.world_size,
+                              "data_time": data_time / window_steps, "step_time": step_time / window_steps,
+                              "samples_seen": self.step * cfg.global_batch_size, "skipped_steps": self.skipped_steps}
+                    seen_video = seen_video or video_count > 0
+                    if seen_video and micro_count:  # mixed or video runs: the share of video micro batches
+                        record["video_batch_fraction"] = video_count / micro_count
+                    record.update(self._data_health())
+                    grad_norm = self.ds.get_global_grad_norm()
+                    if grad_norm is None:
+                        grad_norm = self._own_grad_norm
+                    if grad_norm is not None:
+                        record["grad_norm"] = float(grad_norm)
+                    if self.dtype == torch.float16:
+                        record["loss_scale"] = float(self.optimizer.cur_scale)
+                    if main:
+                        self._write_metrics(metrics_path, writer, record)
+                        bar.set_postfix_str(self._postfix(record), refresh=False)
+                    sums, micro_count, video_count, data_time, step_time = {}, 0, 0, 0.0, 0.0
+                    window_start, window_steps = time.perf_counter(), 0
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate(writer)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    saved = self.save()
+        finally:
+            bar.close()
         if not stopped:
             if self.last_eval_step != self.step:
                 self.evaluate(writer)
         if self.last_save_step != self.step and self.step > 0:
-            self.save()
+            saved = self.save()
         in_sync = self.check_ranks_in_sync() if self.dist.world_size > 1 else True
         if main and self.dist.world_size > 1:
             print(f"ranks in sync: {in_sync} (parameter fingerprint {self.param_fingerprint:.17g})", flush=True)
         if writer is not None:
             writer.close()
-        return {"step": self.step, "stopped": stopped, "ranks_in_sync": in_sync}
+        return {"step": self.step, "stopped": stopped, "ranks_in_sync": in_sync,
+                "saved": os.path.basename(saved) if saved else None}
+
+    def _veto_if_nonfinite(self, loss_bad: torch.Tensor) -> bool:
+        """Before the optimizer step: is this step's loss (any micro batch, any rank) or, at ZeRO-0, its gradient
+        non-finite? Then the optimizer is told to skip (DeepSpeed's ZeRO optimizers also skip by themselves on
+        non-finite gradients). One all-reduce of one number per step. Also measures the stage-0 gradient norm,
+        which DeepSpeed only computes when clipping."""
+        bad = loss_bad.float()
+        sq = None
+        if self.zero_stage == 0 and self.dtype != torch.float16:   # fp16 overflow belongs to the loss scaler
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            if grads:
+                sq = torch.stack([n.double() for n in torch._foreach_norm(grads)]).pow(2).sum()
+                bad = torch.maximum(bad, (~torch.isfinite(sq)).float())
+        flag = bad.reshape(1)
+        if self.dist.world_size > 1:
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        skip = bool(flag.item() > 0)
+        self.base_optimizer.skip_next = skip
+        self._own_grad_norm = None if sq is None else float(sq.sqrt())
+        return skip
+
+    def _after_step(self, vetoed: bool) -> bool:
+        """Count skipped steps; stop after train.max_skipped_steps in a row. True when the step was applied."""
+        self.base_optimizer.skip_next = False
+        skipped = vetoed or not self.ds.was_step_applied()
+        if not skipped:
+            self._bad_run = []
+            return True
+        self.skipped_steps += 1
+        if vetoed or self.dtype != torch.float16:   # fp16 loss-scale overflows are routine; they do not count
+            self._bad_run.append(self.step)
+        if self.dist.is_main:
+            print(f"\nstep {self.step}: non-finite loss or gradients; update skipped "
+                  f"({len(self._bad_run)} in a row, {self.skipped_steps} in total)", flush=True)
+        if len(self._bad_run) >= self.cfg.max_skipped_steps:
+            raise TrainingDiverged(
+                f"training diverged: loss or gradients non-finite at steps {self._bad_run[0]}-{self._bad_run[-1]} "
+                f"({len(self._bad_run)} in a row = train.max_skipped_steps); none of them updated the weights; "
+                f"{self._latest_note()} (lower train.lr or raise train.warmup_ratio, then rerun)")
+        return False
+
+    def _latest_note(self) -> str:
+        latest = os.path.join(self.ckpt_dir, "latest")
+        if os.path.exists(latest):
+            with open(latest) as f:
+                return f"the newest checkpoint is {os.path.join(self.ckpt_dir, f.read().strip())}"
+        return "no checkpoint was written yet"
 
     def evaluate(self, writer=None) -> Optional[dict]:
         """Run the eval hook on all ranks (ZeRO-3 needs every rank), RNG-neutral so resumed runs match."""
@@ -325,9 +425,17 @@ class Engine:
         return result
 
     def save(self) -> str:
-        """Checkpoint on ALL ranks (ZeRO shards live on each); `latest` moves only once every file is written."""
+        """Checkpoint on ALL ranks (ZeRO shards live on each). The tag's COMPLETE marker and then `latest` are
+        written only once every rank has written every file; weights that are not finite are never saved."""
+        self._check_weights_finite()
         tag = f"step_{self.step}"
         tag_dir = os.path.join(self.ckpt_dir, tag)
+        marker = os.path.join(tag_dir, COMPLETE)
+        if self.dist.is_main:
+            os.makedirs(tag_dir, exist_ok=True)
+            if os.path.exists(marker):   # rewriting a tag (resumed before it): unfinished until marked again
+                os.remove(marker)
+        barrier()
         os.makedirs(tag_dir, exist_ok=True)
         state = {"step": self.step, "world_size": self.dist.world_size, "loader": self.loader.state_dict(),
                  "rng": rng_state()}
@@ -337,11 +445,23 @@ class Engine:
                                               "config": self.run_config})
         barrier()
         if self.dist.is_main:
+            atomic_write_json(marker, {"step": self.step, "world_size": self.dist.world_size})
             atomic_write_bytes(os.path.join(self.ckpt_dir, "latest"), tag.encode())
             self._prune(keep=tag)
         barrier()
         self.last_save_step = self.step
         return tag_dir
+
+    def _check_weights_finite(self) -> None:
+        """Every rank checks the parameters it holds (its partition under ZeRO-3); agreed by one all-reduce."""
+        held = [getattr(p, "ds_tensor", p) for p in self.module.parameters()]
+        flags = [torch.isfinite(t.detach()).all() for t in held if t.numel()]
+        bad = (~torch.stack(flags).all()).float().reshape(1) if flags else torch.zeros(1)
+        if self.dist.world_size > 1:
+            torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            raise TrainingDiverged(f"training diverged: the weights hold inf/NaN at step {self.step}; not saving "
+                                   f"them; {self._latest_note()} (lower train.lr, then rerun)")
 
     def check_ranks_in_sync(self) -> bool:
         """All ranks hold bit-identical parameters (fingerprint per tensor, gathered under ZeRO-3)."""
@@ -386,11 +506,38 @@ class Engine:
         return bool(flag.item() > 0)
 
     def _maybe_resume(self) -> Optional[str]:
-        latest = os.path.join(self.ckpt_dir, "latest")
-        if not os.path.exists(latest):
+        """Resume from `latest`, or from the newest intact checkpoint before it (with a warning naming what was
+        wrong); every file is read with weights_only=True. A fresh start drops log lines of a run that died
+        before its first checkpoint."""
+        main = self.dist.is_main
+        if main:
+            for path in remove_stale_tmp(self.ckpt_dir):
+                print(f"removed {path} (left by a writer that was killed)", flush=True)
+
+        def agree(verdict: int) -> int:
+            t = torch.tensor([float(verdict)], device=self.device)
+            if self.dist.world_size > 1:
+                torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+            return int(t.item())
+
+        def warn(msg: str) -> None:
+            if main:
+                print(f"warning: {msg}", flush=True)
+
+        tag = find_resume_tag(self.ckpt_dir, self.dist.rank, self.dist.world_size, agree, warn)
+        if tag is None:
+            if main:
+                self._truncate_logs(0)
             return None
-        with open(latest) as f:
-            tag = f.read().strip()
+        own = os.path.join(self.ckpt_dir, tag, f"train_state_rank{self.dist.rank}.pt")
+        state = safe_load(own)
+        if not isinstance(state, dict) or state.get("world_size") != self.dist.world_size:
+            raise CheckpointError(f"{own}: not a train state of a {self.dist.world_size}-rank run")
+        changed = self._config_changes(tag)   # before the (slow) model load, like the data layout check below
+        try:   # a changed data layout is the commonest resume mistake
+            self.loader.load_state_dict(state["loader"])
+        except ValueError as e:
+            raise ConfigError(f"resuming {os.path.join(self.ckpt_dir, tag)}: {e}") from None
         try:
             path, client = self.ds.load_checkpoint(self.ckpt_dir, tag=tag)
         except RuntimeError as e:  # strict load: keys or shapes differ from this run's model
@@ -399,34 +546,58 @@ class Engine:
             raise ConfigError(f"{os.path.join(self.ckpt_dir, tag)}: does not fit this run's model (written with another "
                               f"model/objectives config? use a new --output_dir): {first}") from None
         if path is None:
-            raise RuntimeError(f"{self.ckpt_dir}: `latest` names {tag!r} but DeepSpeed could not load it")
-        own = os.path.join(self.ckpt_dir, tag, f"train_state_rank{self.dist.rank}.pt")
-        if not os.path.exists(own):
-            raise RuntimeError(f"{own}: missing; was this checkpoint written with a different world size?")
-        state = torch.load(own, map_location="cpu", weights_only=False)
-        if state["world_size"] != self.dist.world_size:
-            raise RuntimeError(f"{own}: written by {state['world_size']} ranks, resuming on "
-                               f"{self.dist.world_size}; the loader position cannot be mapped")
+            raise CheckpointError(f"{os.path.join(self.ckpt_dir, tag)}: DeepSpeed could not load it")
+        apply_hyperparameters(self.scheduler.optimizer, self.scheduler, self.cfg)
+        if changed and main:
+            print(f"resume: the config differs from {tag}'s; applying the new values: {changed}", flush=True)
         self.step = client["step"]
         self.last_eval_step = client.get("last_eval_step", -1)
         self.last_save_step = self.step
-        self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
-        if self.dist.is_main:
-            self._truncate_metrics(self.step)
+        if main:
+            self._truncate_logs(self.step)
             print(f"resumed from {os.path.join(self.ckpt_dir, tag)} at step {self.step}", flush=True)
         return tag
 
-    def _truncate_metrics(self, step: int) -> None:
-        # Lines logged after the checkpoint by the run that died would be repeated; drop them.
+    def _config_changes(self, tag: str) -> str:
+        """What differs between the checkpoint's run config and this run's, as one printable line. Optimizer
+        settings are put into the restored optimizer and schedule after the load (they would otherwise keep the
+        saved values); the few changes a restored run cannot take are refused here."""
+        tag_dir = os.path.join(self.ckpt_dir, tag)
+        states = [p for p in files_for_rank(tag_dir, self.dist.rank) if "model_states" in os.path.basename(p)]
+        saved = safe_load(states[0], mmap=True)
+        before = _flatten(saved.get("config") or {} if isinstance(saved, dict) else {})
+        new = _flatten(self.run_config)
+        changed = [k for k in sorted(set(new) | set(before))
+                   if new.get(k) != before.get(k) and k != "train.output_dir"]
+        fixed = [k for k in changed if k.startswith(RESUME_FIXED)]
+        if fixed:
+            k = fixed[0]
+            raise ConfigError(f"{k}: was {before.get(k)!r} in {tag_dir}, now {new.get(k)!r}; the restored "
+                              "optimizer's parameter groups are built from it (restore it, or start a new --output_dir)")
+        shown = ", ".join(f"{k} {before.get(k)!r} -> {new.get(k)!r}" for k in changed[:12])
+        return shown + (f" (+{len(changed) - 12} more)" if len(changed) > 12 else "")
+
+    def _truncate_logs(self, step: int) -> None:
+        """Drop log lines past `step` (the dead run's, to be redone) and a torn last line (died mid-write)."""
         for name in ("metrics.jsonl", "eval.jsonl"):
             path = os.path.join(self.output_dir, name)
             if not os.path.exists(path):
                 continue
-            with open(path) as f:
-                lines = [ln for ln in f if ln.strip()]
-            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-            if len(keep) != len(lines):
+            with open(path, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").splitlines(keepends=True)
+            keep, torn = [], 0
+            for ln in lines:
+                try:
+                    rec = json.loads(ln)
+                except ValueError:
+                    torn += ln.strip() != ""
+                    continue
+                if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                    keep.append(ln if ln.endswith("\n") else ln + "\n")
+            if keep != lines:
+                if torn:
+                    print(f"warning: {path}: dropped {torn} unreadable line(s) (a write cut short)", flush=True)
                 atomic_write_bytes(path, "".join(keep).encode())
 
     def _prune(self, keep: str) -> None:
@@ -455,7 +626,7 @@ class Engine:
 
     @staticmethod
     def _postfix(r: dict) -> str:
-        parts = [f"loss {r['loss']:.3f}"]
+        parts = [f"loss {r['loss']:.3f}"] if "loss" in r else ["skipped"]
         parts += [f"{k[5:]} {v:.3f}" for k, v in r.items() if k.startswith("loss_")]
         parts.append(f"{r['samples_per_sec']:.1f} samples/s")
         return " ".join(parts)

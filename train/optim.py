@@ -32,7 +32,7 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
         key = (decay, mult)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "weight_decay": cfg.weight_decay if decay else 0.0,
-                           "lr": cfg.lr * mult, "lr_mult": mult}
+                           "lr": cfg.lr * mult, "lr_mult": mult, "decay": decay}
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     unused = [p for p in cfg.lr_multipliers if p not in used]
@@ -45,8 +45,37 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     return out
 
 
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose updates the engine can veto for one optimizer step (`skip_next`), for steps whose loss or
+    gradients were non-finite. DeepSpeed's ZeRO wrappers call step() once per parameter group, so the decision
+    is taken by the engine once per step (agreed across ranks) and every call obeys it: all or nothing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            return None
+        return super().step(closure)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return SkippableAdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig) -> None:
+    """Put the run config's lr / weight decay / betas / eps into an optimizer and LambdaLR that were restored from
+    a checkpoint (their saved values would otherwise silently win over a changed config)."""
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg.lr * g["lr_mult"]
+        g["weight_decay"] = cfg.weight_decay if g["decay"] else 0.0
+        g["betas"], g["eps"] = tuple(cfg.betas), cfg.eps
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    factor = lr_factor(scheduler.last_epoch, cfg)
+    for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        g["lr"] = base * factor
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

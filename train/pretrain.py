@@ -81,11 +81,22 @@ def parse_args(argv):
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # appended by the launcher
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)        # DeepSpeed convention; no-op
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides, values in YAML")
-    return p.parse_args(argv)
+    # Options and overrides may be freely intermixed (`a.b=1 --max_steps 3 c.d=2`); plain parse_args would take
+    # `c.d=2` for an unrecognized argument. Each override is checked to be dotted.key=value by load_config.
+    args, extras = p.parse_known_intermixed_args(argv)
+    unknown = [a for a in extras if a.startswith("-")]
+    if unknown:   # argparse would also list every argument after it; name just the option
+        p.error(f"unrecognized option {unknown[0].split('=')[0]} (options: --deepspeed_config, --config, "
+                "--output_dir, --max_steps; config overrides are dotted.key=value)")
+    args.overrides = list(args.overrides) + extras
+    return args
 
 
 def prepare(argv):
-    """Everything that can fail on bad input, before any heavy work: returns (cfg, ds_config)."""
+    """Everything that can fail on bad input, before any heavy work: returns (cfg, ds_config).
+
+    Every failure is a one-line ConfigError naming the file and the key (the checks live in train/checks.py)."""
+    from train.checks import check_data_sources, check_ds_config
     from train.distributed import env_world_size
     from train.engine import load_ds_config, prepare_ds_config
 
@@ -95,48 +106,78 @@ def prepare(argv):
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.output_dir is not None:
         overrides.append(f"train.output_dir={json.dumps(args.output_dir)}")   # JSON string = YAML string
-    ds_raw = load_ds_config(args.deepspeed_config)
+    try:
+        ds_raw = load_ds_config(args.deepspeed_config)
+    except (OSError, UnicodeDecodeError) as e:   # a directory, no permission, a binary file
+        raise ConfigError(f"{args.deepspeed_config}: cannot read DeepSpeed config: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
     cfg = load_config(args.config, overrides)
+    check_ds_config(ds_raw, args.deepspeed_config)
+    world_size = env_world_size()
+    ds_config = prepare_ds_config(ds_raw, cfg.train, world_size, path=args.deepspeed_config)
     check_run_inputs(cfg, args.config)
-    ds_config = prepare_ds_config(ds_raw, cfg.train, env_world_size(), path=args.deepspeed_config)
+    check_data_sources(cfg, args.config, world_size)
     return cfg, ds_config
 
 
 def check_run_inputs(cfg, path: str) -> None:
-    """What only a real run needs (presets ship placeholder paths that flops.py and the tests accept)."""
-    vision, text = cfg.model.vision, cfg.model.text
-    if vision.pretrained and not os.path.isfile(vision.pretrained):
-        raise ConfigError(f"{path}: model.vision.pretrained: no such file {vision.pretrained!r} (write it with "
-                          "`python train/convert_checkpoint.py import ...`)")
-    if text.pretrained not in (None, "minilm") and not os.path.isdir(text.pretrained):
-        raise ConfigError(f"{path}: model.text.pretrained: no such directory {text.pretrained!r} (a local "
-                          "transformers BERT/RoBERTa directory, or minilm)")
-    p = cfg.data.mlm_probability
-    if p is not None:
-        mlm = cfg.objectives.get("mlm")
-        if mlm is None:
-            raise ConfigError(f"{path}: data.mlm_probability is set but objectives.mlm is not enabled")
-        if abs(mlm.mask_prob - p) > 1e-9:
-            raise ConfigError(f"{path}: data.mlm_probability={p} disagrees with objectives.mlm.mask_prob="
-                              f"{mlm.mask_prob}; the collator masks instead of the model, so they must match")
+    """Cross-section checks and what only a real run needs; they live in train/checks.py (this name stays for
+    callers of pretrain.py)."""
+    from train.checks import check_run_inputs as check
+
+    check(cfg, path)
 
 
 def run(cfg, ds_config, engine_hook=None, stop: StopOnSignal | None = None) -> dict:
     """Build tokenizer, model and loaders, then train. `engine_hook(engine)` runs just before training (tests,
     later task scripts). `stop`: handlers installed by the caller (main installs them before the heavy imports);
     without it run() installs its own for its duration."""
-    import yaml
     from deepspeed.utils import logger as ds_logger
+
+    from train.distributed import init_distributed
+
+    ds_logger.setLevel(logging.WARNING)   # our progress bar and metrics replace DeepSpeed's per-step chatter
+    dist = init_distributed()
+    lock = _lock_run_dir(cfg.train.output_dir, dist)
+    try:
+        return _run_locked(cfg, ds_config, dist, engine_hook, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(output_dir: str, dist):
+    """Rank 0 locks the run directory for the run's life; every rank learns whether it got it."""
+    import torch
+    import torch.distributed as torch_dist
+
+    from train.rundir import RunDirBusy, RunDirLock
+
+    lock, busy = None, None
+    if dist.is_main:
+        try:
+            lock = RunDirLock(output_dir).acquire()
+        except RunDirBusy as e:
+            busy = e
+    flag = torch.tensor([0.0 if busy is None else 1.0], device=dist.device)
+    if dist.world_size > 1:
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+    if busy is not None:
+        raise busy
+    if flag.item() > 0:
+        raise ConfigError(f"{output_dir}: in use by another run (rank 0 says which)")
+    return lock
+
+
+def _run_locked(cfg, ds_config, dist, engine_hook, stop):
+    import yaml
 
     from datasets.loader import build_eval_loader, build_train_loader
     from models.text import load_tokenizer
     from models.vlp import build_model
-    from train.distributed import init_distributed
     from train.engine import Engine, atomic_write_bytes, seed_all
     from train.evaluation import zero_shot_retrieval
 
-    ds_logger.setLevel(logging.WARNING)   # our progress bar and metrics replace DeepSpeed's per-step chatter
-    dist = init_distributed()
     t = cfg.train
     seed_all(t.seed)   # same seed everywhere: every rank builds identical initial weights
     tokenizer = load_tokenizer(cfg.model.text)
@@ -169,26 +210,52 @@ def run(cfg, ds_config, engine_hook=None, stop: StopOnSignal | None = None) -> d
             stop.restore()
 
 
+EXIT_DIVERGED = 3   # loss/gradients non-finite for train.max_skipped_steps steps, or non-finite weights at a save
+
+
+def _say(msg: str, rank_zero_only: bool) -> None:
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if rank_zero_only and rank != "0":
+        return
+    prefix = f"[rank {rank}] " if world != "1" and not rank_zero_only else ""
+    print(f"{prefix}error: {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
-    """0: finished; 2: bad config; EXIT_STOPPED (75): stopped by SIGUSR1/SIGTERM after saving a checkpoint."""
+    """0: finished; 2: bad config or input; 3: diverged; EXIT_STOPPED (75): stopped by SIGUSR1/SIGTERM (or the
+    launcher's death) after saving a checkpoint."""
     stop = StopOnSignal().install()   # before the heavy imports: a signal during startup must not kill us
+    from train.rundir import LauncherWatch
+    LauncherWatch().start()
     try:
         try:
             cfg, ds_config = prepare(sys.argv[1:] if argv is None else argv)
         except ConfigError as e:
-            if os.environ.get("RANK", "0") == "0":   # every rank fails the same way; say it once
-                print(f"error: {e}", file=sys.stderr, flush=True)
+            _say(str(e), rank_zero_only=True)   # every rank fails the same way; say it once
             return 2
+        from datasets.loader import DataAbort
+        from train.checkpoint_io import CheckpointError
+        from train.engine import TrainingDiverged
+        from train.rundir import RunDirBusy
         try:
             result = run(cfg, ds_config, stop=stop)
-        except ConfigError as e:   # found while building (e.g. an lr_multipliers prefix that matches nothing)
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        except (ConfigError, CheckpointError, RunDirBusy, DataAbort) as e:   # bad input found while running
+            _say(str(e), rank_zero_only=False)
             return 2
+        except TrainingDiverged as e:
+            _say(str(e), rank_zero_only=True)
+            return EXIT_DIVERGED
     finally:
         stop.restore()
     if result.get("stopped"):
         if os.environ.get("RANK", "0") == "0":
-            print(f"stopped by {stop.name} at step {result['step']} after saving a checkpoint; exit {EXIT_STOPPED} "
+            if result.get("saved"):
+                what = f"after saving checkpoint {result['saved']}"
+            elif result["step"] > 0:
+                what = f"with nothing new to save (checkpoint step_{result['step']} is current)"
+            else:
+                what = "before the first step; nothing to save"
+            print(f"stopped by {stop.name} at step {result['step']} {what}; exit {EXIT_STOPPED} "
                   f"(run the same command again to resume)", flush=True)
         return EXIT_STOPPED
     return 0

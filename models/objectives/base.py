@@ -21,3 +21,9 @@ class LocalGather:
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+
+def check_weight(name: str, value: float) -> None:
+    """Config validation shared by the objectives: a loss weight is a finite number >= 0."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

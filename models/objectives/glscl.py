@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.masking import random_token_mask
-from models.objectives.base import ObjectiveOutput
+from models.objectives.base import ObjectiveOutput, check_weight
 
 
 def nce(p: torch.Tensor, g: torch.Tensor, tau: float) -> torch.Tensor:
@@ -50,6 +50,7 @@ class MgscConfig:
     text_mask_sampling: Literal["exact", "with_replacement"] = "exact"
 
     def validate(self) -> None:
+        check_weight("objectives.mgsc.weight", self.weight)
         if self.temperature <= 0:
             raise ValueError(f"objectives.mgsc.temperature must be > 0, got {self.temperature}")
         _check_ratio("objectives.mgsc.image_mask_ratio", self.image_mask_ratio)
@@ -65,11 +66,12 @@ class MltcConfig:
     text_weight: float = 0.2
 
     def validate(self) -> None:
+        check_weight("objectives.mltc.weight", self.weight)
         if self.temperature <= 0:
             raise ValueError(f"objectives.mltc.temperature must be > 0, got {self.temperature}")
         _check_ratio("objectives.mltc.image_token_mask_ratio", self.image_token_mask_ratio)
-        if self.image_weight < 0 or self.text_weight < 0:
-            raise ValueError("objectives.mltc.image_weight/text_weight must be >= 0")
+        check_weight("objectives.mltc.image_weight", self.image_weight)
+        check_weight("objectives.mltc.text_weight", self.text_weight)
 
 
 class _SharedPasses(nn.Module):

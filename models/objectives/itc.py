@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads import ProjectionHead
-from models.objectives.base import ObjectiveOutput
+from models.objectives.base import ObjectiveOutput, check_weight
 
 
 @dataclass
@@ -27,6 +27,9 @@ class ItcConfig:
     max_temperature: float = 0.5
 
     def validate(self) -> None:
+        check_weight("objectives.itc.weight", self.weight)
+        if self.embed_dim < 1:
+            raise ValueError(f"objectives.itc.embed_dim must be >= 1, got {self.embed_dim}")
         if not 0 < self.min_temperature <= self.init_temperature <= self.max_temperature:
             raise ValueError("objectives.itc: need 0 < min_temperature <= init_temperature <= max_temperature")
 

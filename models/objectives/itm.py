@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.objectives.base import ObjectiveOutput
+from models.objectives.base import ObjectiveOutput, check_weight
 
 
 @dataclass
@@ -29,6 +29,7 @@ class ItmConfig:
     pairs: Literal["3b", "b"] = "3b"  # "3b": B positives + B negative texts + B negative images; "b": B pairs, B//2 negative
 
     def validate(self) -> None:
+        check_weight("objectives.itm.weight", self.weight)
         if self.pairs not in ("3b", "b"):
             raise ValueError(f"objectives.itm.pairs: expected '3b' or 'b', got {self.pairs!r}")
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads import MLMHead
-from models.objectives.base import ObjectiveOutput
+from models.objectives.base import ObjectiveOutput, check_weight
 
 
 @dataclass
@@ -24,6 +24,7 @@ class MlmConfig:
     mask_prob: float = 0.15
 
     def validate(self) -> None:
+        check_weight("objectives.mlm.weight", self.weight)
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"objectives.mlm.mask_prob must be in (0, 1), got {self.mask_prob}")
 

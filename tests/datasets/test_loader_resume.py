@@ -182,7 +182,7 @@ def test_mismatched_state_rejected(demo, tok):
     cfg = _cfg([SourceConfig(demo["paths"]["train_images"])], num_workers=2)
     a = build_train_loader(cfg, tok, micro_batch_size=4, rank=0, world_size=1, seed=0)
     _take(a, 3)
-    for kw, field in ((dict(seed=1), "seed"), (dict(world_size=2), "world_size")):
+    for kw, field in ((dict(seed=1), "train.seed"), (dict(world_size=2), "world size")):
         args = dict(micro_batch_size=4, rank=0, world_size=1, seed=0) | kw
         with pytest.raises(ValueError, match=field):
             build_train_loader(cfg, tok, **args).load_state_dict(a.state_dict())
