@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import bisect
 import copy
+import gc
 import logging
 import os
 import random
@@ -126,7 +127,10 @@ def _ignore_stop_signals(worker_id: int) -> None:
 def _start_workers(make):
     """make() (which starts DataLoader worker processes) with the stop signals blocked in this thread, so the
     workers inherit the blocked mask and no signal can kill one between its start and `_ignore_stop_signals`;
-    the caller's mask is restored after (a signal that came meanwhile is delivered then)."""
+    the caller's mask is restored after (a signal that came meanwhile is delivered then). Cyclic garbage is
+    collected first: a forked worker inherits it, and freeing there an object that owns threads of this process
+    (PyAV's swscale context does) waits for ever for threads the child does not have."""
+    gc.collect()
     if not hasattr(signal, "pthread_sigmask"):
         return make()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

@@ -299,21 +299,33 @@ def test_jpeg_cap_applies_after_draft_reduction(pil_loads):
     assert len(pil_loads) == n
 
 
-def test_oversize_video_refused_before_decord(monkeypatch):
+def _tiny_mp4(w: int, h: int, frames: int = 6) -> bytes:
+    import gc
+
     import av
-    import decord
     import numpy as np
 
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as c:
         st = c.add_stream("libx264", rate=8)
-        st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
-        for i in range(6):
-            for p in st.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")):
+        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+        st.codec_context.thread_count = 1
+        for i in range(frames):
+            for p in st.encode(av.VideoFrame.from_ndarray(np.full((h, w, 3), 20 * i, np.uint8), format="rgb24")):
                 c.mux(p)
         for p in st.encode():
             c.mux(p)
-    mp4 = buf.getvalue()
+    c = st = p = None
+    # PyAV's codec context sits in a reference cycle with a swscale context that owns threads: left to gc, it
+    # could be freed inside a forked DataLoader worker of a later test, which then waits for those threads for ever
+    gc.collect()
+    return buf.getvalue()
+
+
+def test_oversize_video_refused_before_decord(monkeypatch):
+    import decord
+
+    mp4 = _tiny_mp4(64, 48)
     assert decord.VideoReader(io.BytesIO(mp4)).get_batch([0]).asnumpy().shape == (1, 48, 64, 3)  # a full decode
 
     px, _ = _decoder(64 * 48, "video")({"mp4": mp4, "txt": b"a fading clip"}, None)
@@ -386,11 +398,11 @@ def _ok_shards(tmp_path) -> str:
 def test_workers_ignore_stop_signals(tok, tmp_path):
     cfg = _cfg(_ok_shards(tmp_path), num_workers=2, shuffle_buffer=3)
     mk = lambda: build_train_loader(cfg, tok, micro_batch_size=2, rank=0, world_size=1, seed=3)  # noqa: E731
-    ref = _take(mk(), 4)
+    ref = _take(mk(), 5)
 
     before = _children()
     it = iter(mk())
-    first = next(it)
+    head = [next(it), next(it)]  # one batch from each worker (round robin): both have run their init
     workers = _children() - before
     assert len(workers) == 2, workers
     stop = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -403,8 +415,8 @@ def test_workers_ignore_stop_signals(tok, tmp_path):
         os.kill(pid, signal.SIGINT)  # Ctrl-C in a terminal
     time.sleep(1.0)
     assert all(_alive(pid) for pid in workers)
-    rest = [next(it) for _ in range(3)]
-    assert all(_same(a, b) for a, b in zip([first] + rest, ref))
+    rest = [next(it) for _ in range(3)]  # the next 3 batches, as without the signals
+    assert all(_same(a, b) for a, b in zip(head + rest, ref))
     del it
 
 
@@ -424,6 +436,30 @@ def test_stop_signal_during_worker_start_is_dropped(tok, tmp_path, monkeypatch):
     ref = _take(mk(), 3)
     monkeypatch.setattr(loader_module, "_ignore_stop_signals", _signal_self_then_init)
     assert all(_same(a, b) for a, b in zip(_take(mk(), 3), ref))
+
+
+def test_cyclic_garbage_collected_before_workers_fork():
+    """Garbage a forked worker inherits is freed there by its gc; an object owning threads of the parent (PyAV's
+    swscale context, seen in a hung worker under gdb) then waits for ever. The loader collects before forking."""
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        obj = Cycle()
+        obj.me = obj
+        ref = weakref.ref(obj)
+        del obj
+        assert ref() is not None  # unreachable, but only gc frees a cycle
+        loader_module._start_workers(lambda: None)
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_exit_with_live_workers_does_not_hang(tmp_path):
