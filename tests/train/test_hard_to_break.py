@@ -185,6 +185,22 @@ def test_nonfinite_step_is_skipped_and_training_goes_on(demo_shards, tmp_path, s
     assert all(torch.isfinite(t).all() for t in w.values())
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all(demo_shards, tmp_path, stage):
+    """Rank 1's loss value is NaN at step 3 but its gradient is finite, so only the agreed loss check can catch it:
+    without the agreement rank 0 would update and rank 1 not, and the ranks would drift apart."""
+    ds = write_ds_config(tmp_path, stage, "fp32")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(REPO_ROOT / "tests" / "train" / "rank_poison_entry.py"),
+           *_args(demo_shards, tmp_path / "out", "train.max_steps=4", "train.global_batch_size=8", ds=ds)]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ranks in sync: True" in r.stdout
+    records = read_metrics(tmp_path / "out")
+    assert [x["step"] for x in records] == [1, 2, 3, 4]
+    assert records[-1]["skipped_steps"] == 1 and "step 3: non-finite loss" in r.stdout
+
+
 def test_divergence_stops_with_one_line_and_never_saves_nan(demo_shards, tmp_path):
     out = tmp_path / "out"
     r = _cli(demo_shards, out, "train.lr=1e6", "train.log_every=5", "train.save_every=2", "train.max_steps=40",
