@@ -209,6 +209,15 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def max_over_ranks(value, device=None) -> float:
+    """The largest of `value` (a number or a one-element tensor) over all ranks: the agreement behind every
+    "does any rank want to stop / skip / refuse" decision. One all-reduce of one number."""
+    t = value.detach().float().reshape(1) if torch.is_tensor(value) else torch.tensor([float(value)], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -31,7 +31,7 @@ from datasets.transforms import normalize_pixels
 from train.checkpoint_io import COMPLETE, CheckpointError, files_for_rank, find_resume_tag, \
     install_safe_checkpoint_engine, remove_stale_tmp, safe_load
 from train.config import ConfigError, TrainConfig
-from train.distributed import DistInfo, TorchGather, all_reduce_mean, barrier
+from train.distributed import DistInfo, TorchGather, all_reduce_mean, barrier, max_over_ranks
 from train.optim import apply_hyperparameters, build_optimizer, build_scheduler
 
 CHECKPOINT_DIR = "checkpoints"
@@ -362,10 +362,7 @@ class Engine:
             if grads:
                 sq = torch.stack([n.double() for n in torch._foreach_norm(grads)]).pow(2).sum()
                 bad = torch.maximum(bad, (~torch.isfinite(sq)).float())
-        flag = bad.reshape(1)
-        if self.dist.world_size > 1:
-            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        skip = bool(flag.item() > 0)
+        skip = max_over_ranks(bad) > 0
         self.base_optimizer.skip_next = skip
         self._own_grad_norm = None if sq is None else float(sq.sqrt())
         return skip
@@ -456,10 +453,8 @@ class Engine:
         """Every rank checks the parameters it holds (its partition under ZeRO-3); agreed by one all-reduce."""
         held = [getattr(p, "ds_tensor", p) for p in self.module.parameters()]
         flags = [torch.isfinite(t.detach()).all() for t in held if t.numel()]
-        bad = (~torch.stack(flags).all()).float().reshape(1) if flags else torch.zeros(1)
-        if self.dist.world_size > 1:
-            torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
-        if bad.item() > 0:
+        bad = ~torch.stack(flags).all() if flags else torch.zeros((), device=self.device)
+        if max_over_ranks(bad) > 0:
             raise TrainingDiverged(f"training diverged: the weights hold inf/NaN at step {self.step}; not saving "
                                    f"them; {self._latest_note()} (lower train.lr, then rerun)")
 
@@ -500,10 +495,7 @@ class Engine:
         return {"data_bad_samples": int(round(bad)), "data_bad_fraction": bad / read if read else 0.0}
 
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
-        if self.dist.world_size > 1:
-            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return max_over_ranks(self._stop_requested, self.device) > 0
 
     def _maybe_resume(self) -> Optional[str]:
         """Resume from `latest`, or from the newest intact checkpoint before it (with a warning naming what was
@@ -515,10 +507,7 @@ class Engine:
                 print(f"removed {path} (left by a writer that was killed)", flush=True)
 
         def agree(verdict: int) -> int:
-            t = torch.tensor([float(verdict)], device=self.device)
-            if self.dist.world_size > 1:
-                torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-            return int(t.item())
+            return int(max_over_ranks(verdict, self.device))
 
         def warn(msg: str) -> None:
             if main:

@@ -148,9 +148,7 @@ def run(cfg, ds_config, engine_hook=None, stop: StopOnSignal | None = None) -> d
 
 def _lock_run_dir(output_dir: str, dist):
     """Rank 0 locks the run directory for the run's life; every rank learns whether it got it."""
-    import torch
-    import torch.distributed as torch_dist
-
+    from train.distributed import max_over_ranks
     from train.rundir import RunDirBusy, RunDirLock
 
     lock, busy = None, None
@@ -159,12 +157,10 @@ def _lock_run_dir(output_dir: str, dist):
             lock = RunDirLock(output_dir).acquire()
         except RunDirBusy as e:
             busy = e
-    flag = torch.tensor([0.0 if busy is None else 1.0], device=dist.device)
-    if dist.world_size > 1:
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+    someone_busy = max_over_ranks(busy is not None, dist.device) > 0
     if busy is not None:
         raise busy
-    if flag.item() > 0:
+    if someone_busy:
         raise ConfigError(f"{output_dir}: in use by another run (rank 0 says which)")
     return lock
 
