@@ -40,18 +40,22 @@ import random
 import signal
 import weakref
 from collections import Counter, defaultdict
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import batch as K
 from .config import MODALITIES, DataConfig, SourceConfig
 from .shards import TarError, expand_shards, iter_samples, read_samples_at
-from .text import clean_caption, mlm_mask, special_token_info, tokenize
+from .text import clean_caption, tokenize
 from .transforms import ClipTransform, ImageTransform, TooLarge
 from .video import decode_clip
 
 log = logging.getLogger(__name__)
+
+# (input_ids, attention_mask, generator=...) -> (masked ids, labels); see build_train_loader
+TextMasker = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 STATE_VERSION = 3  # 3 added "shard_names"; a version 2 state still loads (its shard names go unchecked)
 READABLE_VERSIONS = (2, 3)
@@ -394,8 +398,8 @@ class _TrainStream(IterableDataset):
     """One rank's infinite batch stream; each DataLoader worker runs `_worker(logical_id)`."""
 
     def __init__(self, cfg: DataConfig, tokenizer, shard_lists: list[list[str]], sources: list[SourceConfig],
-                 micro_batch_size: int, rank: int, world_size: int, seed: int):
-        self.cfg, self.tokenizer, self.shard_lists = cfg, tokenizer, shard_lists
+                 micro_batch_size: int, rank: int, world_size: int, seed: int, text_masker: Optional[TextMasker]):
+        self.cfg, self.tokenizer, self.shard_lists, self.text_masker = cfg, tokenizer, shard_lists, text_masker
         self.B, self.rank, self.world_size, self.seed = micro_batch_size, rank, world_size, seed
         self.W = max(1, cfg.num_workers)
         self.by_modality = {m: [i for i, s in enumerate(sources) if s.modality == m] for m in MODALITIES}
@@ -404,7 +408,6 @@ class _TrainStream(IterableDataset):
         self.mod_cum = _cumulative([sum(sources[i].weight for i in idx) for idx in self.by_modality.values()])
         self.src_cum = {m: _cumulative([sources[i].weight for i in idx]) for m, idx in self.by_modality.items()}
         self.decoders = {m: SampleDecoder(cfg, m, train=True) for m in self.by_modality}
-        self.mlm_info = special_token_info(tokenizer) if cfg.mlm_probability is not None else None
         self.start: list = [None] * self.W  # per logical worker state to resume from (set by TrainLoader)
         self.rotation = 0  # DataLoader worker k runs logical worker (k + rotation) % W
 
@@ -454,12 +457,12 @@ class _TrainStream(IterableDataset):
                 caps.append(cap)
                 keys.append(raw["__key__"])
             j += 1
-            batch = {"pixel_values": torch.stack(pix), "normalize": self.cfg.normalize,
-                     **tokenize(self.tokenizer, caps, self.cfg.max_text_len), "__key__": keys, "modality": modality}
-            if self.mlm_info is not None:
+            batch = {K.PIXEL_VALUES: torch.stack(pix), K.NORMALIZE: self.cfg.normalize,
+                     **tokenize(self.tokenizer, caps, self.cfg.max_text_len), K.SAMPLE_KEYS: keys, K.MODALITY: modality}
+            if self.text_masker is not None:
                 gen = torch.Generator().manual_seed(random.Random(f"mlm-{self.seed}-{self.rank}-{n}").getrandbits(63))
-                batch["mlm_input_ids"], batch["mlm_labels"] = mlm_mask(
-                    batch["input_ids"], batch["attention_mask"], self.mlm_info, self.cfg.mlm_probability, gen)
+                batch[K.MLM_INPUT_IDS], batch[K.MLM_LABELS] = self.text_masker(
+                    batch[K.INPUT_IDS], batch[K.ATTENTION_MASK], generator=gen)
             batch["__state__"] = {"worker": w, "batches": j, "sources": [s.state() for s in sources],
                                   **badlog.state()}
             yield batch
@@ -605,8 +608,15 @@ def check_sources(cfg: DataConfig, world_size: int) -> None:
 
 
 def build_train_loader(data_cfg: DataConfig, tokenizer, *, micro_batch_size: int, rank: int, world_size: int,
-                       seed: int) -> TrainLoader:
+                       seed: int, text_masker: Optional[TextMasker] = None) -> TrainLoader:
+    """`text_masker(input_ids, attention_mask, generator=g) -> (masked ids, labels)`: MLM masking in the workers,
+    needed when data.mlm_probability is set (train/ builds it from models.masking.bert_mask; this package knows no
+    model). Each batch then also carries mlm_input_ids / mlm_labels; g is seeded by (seed, rank, batch number)."""
     data_cfg.validate()
+    if data_cfg.mlm_probability is not None and text_masker is None:
+        raise ValueError("data.mlm_probability is set but build_train_loader got no text_masker to apply it")
+    if text_masker is not None and data_cfg.mlm_probability is None:
+        raise ValueError("build_train_loader got a text_masker but data.mlm_probability is not set")
     if not (0 <= rank < world_size):
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if micro_batch_size < 1:
@@ -615,7 +625,7 @@ def build_train_loader(data_cfg: DataConfig, tokenizer, *, micro_batch_size: int
     # the fast tokenizer would otherwise warn (and disable itself) in forked workers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stream = _TrainStream(data_cfg, tokenizer, shard_lists, list(data_cfg.train), micro_batch_size, rank,
-                          world_size, seed)
+                          world_size, seed, text_masker)
     return TrainLoader(stream, [s.shards for s in data_cfg.train])
 
 
@@ -668,9 +678,9 @@ class EvalLoader:
                 yield self._batch(pix, caps, keys, si, modality)
 
     def _batch(self, pix, caps, keys, si, modality) -> dict:
-        return {"pixel_values": torch.stack(pix), "normalize": self.cfg.normalize,
+        return {K.PIXEL_VALUES: torch.stack(pix), K.NORMALIZE: self.cfg.normalize,
                 **tokenize(self.tokenizer, caps, self.cfg.max_text_len),
-                "__key__": keys, "caption": caps, "source": si, "modality": modality}
+                K.SAMPLE_KEYS: keys, K.CAPTION: caps, K.SOURCE: si, K.MODALITY: modality}
 
 
 def build_eval_loader(data_cfg: DataConfig, tokenizer, *, batch_size: int) -> EvalLoader:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import subprocess
 import tempfile
@@ -322,20 +321,3 @@ def raw_samples(urls: list[str]) -> Iterator[dict]:
     for i, url in enumerate(urls):
         for smp, _ in iter_samples(url, 0, i):
             yield smp
-
-
-def shuffled(samples, bufsize: int, rng: random.Random) -> Iterator[dict]:
-    """Reservoir shuffle with an explicit rng (the train loader keeps an equivalent, checkpointable version)."""
-    if bufsize <= 1:
-        yield from samples
-        return
-    buf: list = []
-    for s in samples:
-        if len(buf) < bufsize:
-            buf.append(s)
-            continue
-        k = rng.randrange(bufsize)
-        buf[k], s = s, buf[k]
-        yield s
-    while buf:
-        yield buf.pop(rng.randrange(len(buf)))

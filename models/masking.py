@@ -1,4 +1,5 @@
-"""Random masks for the GLSCL objectives (MGSC, MLTC): image patch dropping, image token masking, text masking.
+"""Random masks: BERT's MLM masking (the one rule for the data workers and the device) and the GLSCL objectives'
+masks (MGSC, MLTC): image patch dropping, image token masking, text masking.
 
 All helpers draw independently per sample and take an optional torch.Generator (tests pass one for reproducibility).
 """
@@ -7,6 +8,41 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+
+def bert_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: torch.Tensor, mask_token_id: int,
+              vocab_size: int, probability: float, generator: Optional[torch.Generator] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking -> (masked ids, labels). The one MLM rule: the data workers (data.mlm_probability, given this
+    function by train/) and the MLM objective on the device both call it.
+
+    Each real (attention_mask 1), non-special token is selected with `probability`; labels = the id where selected,
+    -100 elsewhere. Of the selected: 80% become `mask_token_id`, 10% a random non-special id in [0, vocab_size), 10%
+    stay. Nothing is forced: a batch may select nothing (the MLM objective then returns a zero loss).
+    Draws, in this order and always full-shape (so no host sync on a GPU and the same stream for a given generator
+    on every call): rand (selection), rand (80/10/10 split), randint (replacement, over the non-special pool).
+    `special_ids`: 1-D, unique ids in [0, vocab_size) (checked for CPU tensors; a device tensor is trusted rather
+    than synced), on input_ids' device.
+    """
+    shape, device = input_ids.shape, input_ids.device
+    special = special_ids.to(device=device, dtype=torch.long).reshape(-1).sort().values
+    pool = vocab_size - special.numel()
+    if pool < 1:
+        raise ValueError(f"vocab_size {vocab_size} leaves no non-special token to draw")
+    if special.device.type == "cpu" and special.numel() and (
+            special[0] < 0 or special[-1] >= vocab_size or (special[1:] == special[:-1]).any()):
+        raise ValueError(f"special_ids must be unique ids in [0, {vocab_size}), got {special.tolist()}")
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, special)
+    selected = candidates & (torch.rand(shape, device=device, generator=generator) < probability)
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    split = torch.rand(shape, device=device, generator=generator)
+    r = torch.randint(pool, shape, device=device, generator=generator)
+    # The r-th (0-based) non-special id is r + #{j : special[j] - j <= r} (special sorted, unique): no pool tensor,
+    # no nonzero(), nothing that waits for the device.
+    replacement = (r + torch.searchsorted(special - torch.arange(special.numel(), device=device), r, right=True))
+    masked = torch.where(selected & (split < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(selected & (split >= 0.8) & (split < 0.9), replacement.to(input_ids.dtype), masked)
+    return masked, labels
 
 
 def _ranks(noise: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ Our towers keep public key names wherever they can, so most mappings are renames
                                   `layers.N.*`; the pooler (and any MLM head) is not part of it.
   OpenAI CLIP ViT               = visual.conv1/class_embedding/positional_embedding/ln_pre/transformer.resblocks.N
                                   (attn.in_proj_* = timm's fused qkv, same q|k|v order)/ln_post; `visual.proj` (the
-                                  image-text projection) and the whole text side are dropped, by name. CLIP blocks use
+                                  image-text projection) and the whole text side are dropped, by name (the renames
+                                  are timm's own CLIP converter's). CLIP blocks use
                                   QuickGELU and LayerNorm eps 1e-5, so the tower must be built from a timm
                                   `*_clip_quickgelu_*` model (model.vision.timm_name), which the import records.
 
@@ -186,9 +187,6 @@ def resize_temporal_embed(table: torch.Tensor, num_frames: int, trained_frames: 
 
 
 # --------------------------------------------------------------------------------------------------- vision
-VISION_STRUCT = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-
-
 def infer_vit_shape(sd: dict[str, torch.Tensor], what: str) -> dict:
     """Sizes readable from timm-keyed ViT weights (num_heads is not: it does not change any shape)."""
     for k in ("dist_token", "reg_token"):
@@ -237,12 +235,25 @@ def timm_vit_to_tower(sd: dict[str, torch.Tensor], depth: int, drop_last_blocks:
     return sd, dropped
 
 
+# What timm's VisionTransformer holds of an OpenAI CLIP visual tower (the key set our vision tower loads).
+_CLIP_AS_TIMM = re.compile(r"patch_embed\.proj\.weight|cls_token|pos_embed|norm_pre\.(weight|bias)|norm\.(weight|bias)"
+                           r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)")
+
+
 def openai_clip_to_timm(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], int]:
     """OpenAI CLIP (ViT) state dict -> timm ViT keys. -> (timm state dict, dropped names, num_heads).
 
     Accepts a full CLIP model (visual.* + text side) or the visual module alone. Dropped by name: the text side and
-    visual.proj. num_heads follows OpenAI's rule width // 64 (CLIP's build_model).
+    visual.proj. num_heads follows OpenAI's rule width // 64 (CLIP's build_model). The renames and reshapes are
+    timm's own converter's (`_convert_openai_clip`, a private function timm's checkpoint_filter_fn applies to CLIP
+    weights; for every key our tower loads it gave the same keys and tensors as our former hand-written mapping,
+    checked on synthetic OpenAI-layout and open_clip state dicts when we switched; tests/models/test_weights.py
+    checks the forward against reference CLIP towers). Around it we keep what it does not do: refuse ResNet CLIPs,
+    name what is dropped (timm skips the text side silently and turns visual.proj into a classifier head) and refuse
+    keys a timm ViT does not hold (timm passes them through renamed), naming the source key.
     """
+    from timm.models.vision_transformer import _convert_openai_clip
+
     prefix = "visual." if any(k.startswith("visual.") for k in sd) else ""
     if prefix + "attnpool.c_proj.weight" in sd or prefix + "layer1.0.conv1.weight" in sd:
         raise WeightsError("OpenAI CLIP ResNet weights: only the ViT variants are supported")
@@ -253,30 +264,14 @@ def openai_clip_to_timm(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
         raise WeightsError(f"not an OpenAI CLIP ViT state dict: no {absent[0]!r}")
     dropped = sorted(k for k in sd if not k.startswith(prefix) or k == prefix + "proj")
     out: dict[str, torch.Tensor] = {}
-    renames = {"conv1.weight": "patch_embed.proj.weight", "ln_pre.weight": "norm_pre.weight",
-               "ln_pre.bias": "norm_pre.bias", "ln_post.weight": "norm.weight", "ln_post.bias": "norm.bias"}
-    block = {"ln_1": "norm1", "ln_2": "norm2", "attn.in_proj_weight": "attn.qkv.weight",
-             "attn.in_proj_bias": "attn.qkv.bias", "attn.out_proj": "attn.proj", "mlp.c_fc": "mlp.fc1",
-             "mlp.c_proj": "mlp.fc2"}
     unknown = []
     for k, v in sd.items():
         if k in dropped:
             continue
-        name = k[len(prefix):]
-        if name in renames:
-            out[renames[name]] = v
-        elif name == "class_embedding":
-            out["cls_token"] = v.reshape(1, 1, -1)
-        elif name == "positional_embedding":
-            out["pos_embed"] = v.unsqueeze(0)
-        elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", name):
-            rest = m.group(2)
-            for src, dst in block.items():
-                if rest == src or rest.startswith(src + "."):
-                    out[f"blocks.{m.group(1)}.{dst}{rest[len(src):]}"] = v
-                    break
-            else:
-                unknown.append(k)
+        # one key at a time, so that a key timm's ViT does not hold is reported under its CLIP name
+        ((name, tensor),) = _convert_openai_clip({k: v}, None, prefix=prefix).items()
+        if _CLIP_AS_TIMM.fullmatch(name):
+            out[name] = tensor
         else:
             unknown.append(k)
     if unknown:

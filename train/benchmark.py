@@ -20,7 +20,6 @@ Last line: `samples_per_sec: X mfu: Y` (Y = n/a without a peak).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

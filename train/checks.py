@@ -23,7 +23,7 @@ def _fail(path: str, key: str, msg: str) -> NoReturn:
 
 def check_config(cfg, path: str) -> None:
     """Rules between sections (model vs data vs objectives vs train); no file system access."""
-    vision, data, t = cfg.model.vision, cfg.data, cfg.train
+    vision, data = cfg.model.vision, cfg.data
     if data.image_size != vision.img_size:
         _fail(path, "data.image_size", f"{data.image_size} differs from model.vision.img_size={vision.img_size}; "
               "the loader must produce the size the vision tower's position embeddings are built for")
@@ -31,17 +31,22 @@ def check_config(cfg, path: str) -> None:
     if any(s.modality == "video" for s in sources) and data.num_frames > vision.max_frames:
         _fail(path, "data.num_frames", f"{data.num_frames} is more than model.vision.max_frames={vision.max_frames} "
               "(the size of the temporal embedding table)")
-    if "itm" in cfg.objectives and t.micro_batch_size < 2:
-        _fail(path, "train.micro_batch_size", f"objectives.itm draws its negatives within a micro batch, so it needs "
-              f"at least 2 samples, got {t.micro_batch_size}")
+    from models.objectives import OBJECTIVES
+
     p = data.mlm_probability
-    if p is not None:
-        mlm = cfg.objectives.get("mlm")
-        if mlm is None:
-            _fail(path, "data.mlm_probability", "is set but objectives.mlm is not enabled")
-        if abs(mlm.mask_prob - p) > 1e-9:
-            raise ConfigError(f"{path}: data.mlm_probability={p} disagrees with objectives.mlm.mask_prob="
-                              f"{mlm.mask_prob}; the collator masks instead of the model, so they must match")
+    if p is not None and not any("mlm_labels" in OBJECTIVES[n].batch_keys for n in cfg.objectives):
+        _fail(path, "data.mlm_probability", "is set but no enabled objective reads the masked text it adds "
+              "(enable objectives.mlm)")
+    if cfg.model.heads is not None:
+        from models.vlp import heads_needed
+        missing = [h for h in heads_needed(cfg.objectives) if h not in cfg.model.heads]
+        if missing:
+            _fail(path, "model.heads", f"the enabled objectives need {missing} too")
+    for name, obj_cfg in cfg.objectives.items():   # each objective's own rules against the run (models/objectives)
+        try:
+            OBJECTIVES[name].check_run(obj_cfg, cfg)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 def check_ds_config(ds: dict, path: str) -> None:

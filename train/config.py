@@ -1,7 +1,7 @@
 """YAML run configs -> typed dataclasses, validated once at start.
 
 A config file has four sections: `model` (models.vlp.ModelConfig), `objectives` (name -> that objective's config
-from models.objectives.OBJECTIVE_CONFIGS), `data` (datasets.config.DataConfig) and `train` (TrainConfig below).
+from the registry models.objectives.OBJECTIVES), `data` (datasets.config.DataConfig) and `train` (TrainConfig below).
 The converter is driven by the dataclass type hints, so the other packages' configs get the same strict checks:
 an unknown key, a wrong type or a bad literal is one ConfigError naming the file and the dotted key.
 """
@@ -35,6 +35,15 @@ class ActivationCheckpointingConfig:
 
 
 @dataclass
+class WandbConfig:
+    # used when train.loggers holds "wandb" (optional package: pip install wandb)
+    project: str = "glscl"
+    name: Optional[str] = None            # W&B run name; default: W&B's
+    mode: Literal["offline", "online"] = "offline"
+    dir: Optional[str] = None             # default: <output_dir>/wandb
+
+
+@dataclass
 class TrainConfig:
     micro_batch_size: int = 8             # per rank, per forward pass
     global_batch_size: int = 8            # = micro_batch_size * accumulation * world_size
@@ -57,6 +66,11 @@ class TrainConfig:
     max_skipped_steps: int = 10
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
     output_dir: Optional[str] = None      # default: runs/<config file name>
+    # metric destinations (train/loggers.py): jsonl (required: resume truncates it), tensorboard, wandb
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # at the end, compare every rank's parameters (a full gather under ZeRO-3) and print the fingerprint
+    check_ranks_in_sync: bool = False
 
 
 def _type_name(tp: Any) -> str:
@@ -182,7 +196,7 @@ def build_dataclass(cls: type, value: Any, key: str = "") -> Any:
 @dataclass
 class Config:
     model: Any        # models.vlp.ModelConfig
-    objectives: dict  # name -> models.objectives.OBJECTIVE_CONFIGS[name] instance
+    objectives: dict  # name -> models.objectives.OBJECTIVES[name].Config instance
     data: Any         # datasets.config.DataConfig
     train: TrainConfig
     name: str = "run"  # config file stem; names the default output dir
@@ -239,6 +253,12 @@ def _validate_train(t: TrainConfig) -> None:
         k = getattr(t.activation_checkpointing, tower)
         check(k >= -1, f"activation_checkpointing.{tower}", "must be -1 (all), 0 (none) or a layer count")
     check(t.output_dir is None or t.output_dir.strip() != "", "output_dir", "must be a non-empty path")
+    from train.loggers import LOGGER_NAMES   # here: train.loggers imports this module
+    for name in t.loggers:
+        check(name in LOGGER_NAMES, "loggers", f"unknown logger {name!r} (known: {', '.join(LOGGER_NAMES)})")
+    check(len(set(t.loggers)) == len(t.loggers), "loggers", f"a logger is named twice: {t.loggers}")
+    check("jsonl" in t.loggers, "loggers", "must include jsonl (metrics.jsonl; resume truncates it)")
+    check(t.wandb.dir is None or t.wandb.dir.strip() != "", "wandb.dir", "must be a non-empty path")
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:
@@ -266,7 +286,7 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
 def config_from_dict(tree: dict, name: str = "run") -> Config:
     # Imported here so that `train.config` can be loaded (e.g. for --help) without importing torch.
     from models.vlp import ModelConfig
-    from models.objectives import OBJECTIVE_CONFIGS
+    from models.objectives import OBJECTIVES
     from datasets.config import DataConfig
 
     sections = {"model", "objectives", "data", "train"}
@@ -281,9 +301,9 @@ def config_from_dict(tree: dict, name: str = "run") -> Config:
         raise ConfigError(f"objectives: expected a non-empty mapping of objective name -> settings")
     objectives = {}
     for obj_name, raw in objectives_raw.items():
-        if obj_name not in OBJECTIVE_CONFIGS:
-            raise ConfigError(f"objectives.{obj_name}: unknown objective (known: {', '.join(OBJECTIVE_CONFIGS)})")
-        obj = objectives[obj_name] = build_dataclass(OBJECTIVE_CONFIGS[obj_name], raw, f"objectives.{obj_name}")
+        if obj_name not in OBJECTIVES:
+            raise ConfigError(f"objectives.{obj_name}: unknown objective (known: {', '.join(OBJECTIVES)})")
+        obj = objectives[obj_name] = build_dataclass(OBJECTIVES[obj_name].Config, raw, f"objectives.{obj_name}")
         weight = getattr(obj, "weight", None)   # every objective's loss weight, also of objectives added later
         if weight is not None and not weight >= 0:
             raise ConfigError(f"objectives.{obj_name}.weight: must be >= 0, got {weight}")

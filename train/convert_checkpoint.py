@@ -27,13 +27,11 @@ if REPO_ROOT not in sys.path:
 
 from train.config import ConfigError  # noqa: E402
 
-# Parameter prefixes that only pretraining uses, dropped by `to-finetune` (by name, listed in the output):
-#   objectives.mlm.   MLM head (transform + vocabulary decoder); fine-tuning tasks bring their own heads
-#   objectives.mgsc.  (no parameters today) GLSCL's global self-supervised completion
-#   objectives.mltc.  MLTC's image mask token (only the masked pass C uses it)
-# Kept: both towers, the fusion encoder (with its poolers), ITC projections + temperature (retrieval embeddings)
-# and the ITM head (METER/SCL initialise the retrieval re-ranker from it); `--drop objectives.itm.` removes it.
-PRETRAIN_ONLY = ("objectives.mlm.", "objectives.mgsc.", "objectives.mltc.")
+# `to-finetune` drops, by name and listed in its output, what only pretraining uses: the parameters of every objective
+# that declares itself pretraining-only (`Objective.pretrain_only`: MLM's head, MLTC's image mask token, ITA's queues,
+# ...) and the momentum (EMA) copies (models/vlp.py pretrain_only_prefixes). Kept: the backbone (towers, fusion with
+# its poolers, ITC projections + temperature, the ITM head, which METER/SCL initialise the retrieval re-ranker from);
+# `--drop itm_head.` removes the latter.
 
 
 class UserError(Exception):
@@ -116,16 +114,16 @@ def consolidate(path: str) -> tuple[dict, dict, dict]:
 
 # ------------------------------------------------------------------------------------------- run configs / models
 def _parse_model_config(config: dict):
-    from models.objectives import OBJECTIVE_CONFIGS
+    from models.objectives import OBJECTIVES
     from models.vlp import ModelConfig
     from train.config import build_dataclass
 
     model_cfg = build_dataclass(ModelConfig, config.get("model"), "model")
     objectives = {}
     for name, raw in (config.get("objectives") or {}).items():
-        if name not in OBJECTIVE_CONFIGS:
-            raise ConfigError(f"objectives.{name}: unknown objective (known: {', '.join(OBJECTIVE_CONFIGS)})")
-        objectives[name] = build_dataclass(OBJECTIVE_CONFIGS[name], raw, f"objectives.{name}")
+        if name not in OBJECTIVES:
+            raise ConfigError(f"objectives.{name}: unknown objective (known: {', '.join(OBJECTIVES)})")
+        objectives[name] = build_dataclass(OBJECTIVES[name].Config, raw, f"objectives.{name}")
     return model_cfg, objectives
 
 
@@ -215,14 +213,24 @@ def cmd_to_finetune(args) -> None:
     if meta.get("kind") != "vlp":
         raise UserError(f"{args.input}: kind is {meta.get('kind')!r}; to-finetune needs a whole pretraining model "
                         "(kind 'vlp', from zero-to-fp32 or a DeepSpeed dir)")
+    from models.vlp import heads_needed, pretrain_only_prefixes
+
     config = copy.deepcopy(meta["config"])
-    prefixes = PRETRAIN_ONLY + tuple(p if p.endswith(".") else p + "." for p in args.drop)
+    _parse_model_config(config)   # unknown objectives / bad fields: one line, before anything is dropped
+    objectives = config.get("objectives") or {}
+    # The heads the pretraining objectives used stay in the backbone after those objectives are gone.
+    if config["model"].get("heads") is None:
+        config["model"]["heads"] = heads_needed(objectives)
+    prefixes = pretrain_only_prefixes(objectives) + tuple(p if p.endswith(".") else p + "." for p in args.drop)
     dropped = sorted(k for k in sd if k.startswith(prefixes))
     for k in dropped:
         del sd[k]
-    for name in list(config.get("objectives", {})):
+    for name in list(objectives):
         if f"objectives.{name}." in prefixes:
-            del config["objectives"][name]
+            del objectives[name]
+    heads = config["model"]["heads"]
+    for h in [h for h in heads if any(k.startswith(prefixes) for k in (f"{h}.", f"{h}_head."))]:
+        heads.remove(h)   # --drop itm_head. / --drop itc.
     vcfg, data = config["model"]["vision"], config.get("data") or {}
     changes = []
     if args.image_size is not None:
@@ -251,6 +259,12 @@ def cmd_to_finetune(args) -> None:
             data["num_frames"] = args.num_frames
     if not config.get("objectives"):
         raise UserError(f"every objective was dropped ({', '.join(prefixes)}); keep at least one (e.g. itc)")
+    for name in config["objectives"]:   # a kept objective must still find the heads it uses
+        from models.objectives import OBJECTIVES
+        lost = [h for h in OBJECTIVES[name].heads if h not in heads]
+        if lost:
+            raise UserError(f"--drop removed the {lost[0]!r} head that objectives.{name} (kept) uses; drop "
+                            f"objectives.{name}. too")
     if not args.no_verify:
         verify_vlp(sd, config, f"{args.output}: fine-tuning init vs the model its config builds")
     save_weights(sd, args.output, {"kind": "vlp", "config": config, "text_hf_config": meta.get("text_hf_config")
@@ -420,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--trained-frames", type=int,
                    help="frames per video in pretraining (default: the run config's data.num_frames)")
     f.add_argument("--drop", action="append", default=[], metavar="PREFIX",
-                   help=f"also drop parameters under this prefix (always dropped: {', '.join(PRETRAIN_ONLY)})")
+                   help="also drop parameters under this prefix (always dropped: what the objectives declare pretraining-only "
+                        "and the momentum copies)")
     f.add_argument("--no-verify", action="store_true", help="skip the strict key check against a freshly built model")
     f.set_defaults(fn=cmd_to_finetune)
 

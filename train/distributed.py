@@ -117,10 +117,6 @@ def env_world_size() -> int:
     return discover()[1]
 
 
-def env_rank() -> int:
-    return discover()[0]
-
-
 def skip_shm_op() -> None:
     """Stop DeepSpeed from JIT-compiling its shared-memory allreduce op (~40 s of g++ per fresh machine) on CPU.
 
@@ -167,6 +163,14 @@ class DistInfo:
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (one all_reduce).
+
+    torch.distributed.nn.functional.all_gather gives bit-identical values and gradients (fp32 and bf16, 2 gloo ranks:
+    tests/train/test_distributed_gather.py), but in torch 2.14 it is deprecated (FutureWarning), the replacement it
+    names lives in the private torch.distributed._functional_collectives (whose autograd gather is in turn deprecated
+    for another name), and on gloo its backward runs one scatter per rank instead of one all_reduce. So we keep
+    these few lines."""
+
     @staticmethod
     def forward(ctx, t):
         world, rank = dist.get_world_size(), dist.get_rank()

@@ -4,18 +4,24 @@ Pretraining and the later fine-tune scripts share it. The model is any nn.Module
 {"loss": scalar, "losses": {name: scalar}, "stats": {name: scalar}}; the train loader is an infinite iterable with
 state_dict()/load_state_dict() so a resumed run continues with exactly the next batches.
 
+A checkpoint is DeepSpeed's model/optimizer/scheduler states plus a list of named stateful parts
+(`register_part`): the engine's own "progress" (step, last_eval_step), "loader" (data position) and "rng", and
+whatever the caller adds (e.g. feature queues). Callers that add parts or after-step hooks construct the engine
+with resume=False, register, then call resume(). Metric records go to train/loggers.py.
+
 Run directory (`output_dir`):
   metrics.jsonl          one JSON object per logged step
   eval.json, eval.jsonl  latest evaluation result, and all of them
-  tensorboard/           TensorBoard events (rank 0)
+  tensorboard/, wandb/   TensorBoard events, W&B files (rank 0; as train.loggers says)
   config.yaml            the validated run config
   checkpoints/latest     name of the newest complete checkpoint, written last and atomically
-  checkpoints/step_N/    DeepSpeed model/optimizer/scheduler states + train_state_rank{R}.pt (loader position, RNG)
+  checkpoints/step_N/    DeepSpeed model/optimizer/scheduler states + train_state_rank{R}.pt
+                         ({"step", "world_size", "parts": {name: state}}, loadable with weights_only=True)
 """
 from __future__ import annotations
 
+import collections
 import json
-import math
 import os
 import random
 import re
@@ -27,11 +33,12 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from datasets.transforms import normalize_pixels
+from datasets.batch import MODALITY, STEP, to_device
 from train.checkpoint_io import COMPLETE, CheckpointError, files_for_rank, find_resume_tag, \
     install_safe_checkpoint_engine, remove_stale_tmp, safe_load
 from train.config import ConfigError, TrainConfig
 from train.distributed import DistInfo, TorchGather, all_reduce_mean, barrier, max_over_ranks
+from train.loggers import MetricLogger, build_loggers, check_available
 from train.optim import apply_hyperparameters, build_optimizer, build_scheduler
 
 CHECKPOINT_DIR = "checkpoints"
@@ -177,13 +184,65 @@ def _check_no_scalar_params(model: torch.nn.Module) -> None:
         raise ValueError(f"0-dim parameters are not supported by DeepSpeed; make them shape (1,): {scalars}")
 
 
+class FnPart:
+    """A checkpoint part made of two functions: get() -> state, set(state)."""
+
+    def __init__(self, get: Callable[[], dict], set: Callable[[dict], None]):
+        self.state_dict, self.load_state_dict = get, set
+
+
+_PLAIN_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.Tensor, torch.nn.Parameter, torch.Size,
+                 torch.dtype, torch.device)
+
+
+def _check_plain(obj, where: str) -> None:
+    """TypeError naming the first value that torch.load(weights_only=True) would refuse (it would make the
+    checkpoint unresumable, found only at the resume); checked at save time instead."""
+    if type(obj) in (dict, collections.OrderedDict):
+        for k, v in obj.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}[{k!r}]")
+    elif type(obj) in (list, tuple, set):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif type(obj) not in _PLAIN_LEAVES:
+        raise TypeError(f"{where}: a {type(obj).__module__}.{type(obj).__qualname__}; checkpoint parts hold only "
+                        "tensors and plain python data (they are read back with weights_only=True)")
+
+
+class _Window:
+    """What the loop sums between two log lines: healthy steps' losses and stats, timings, modality counts."""
+
+    def __init__(self):
+        self.seen_video = False   # once a video batch was seen, every record reports the video share
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro = self.video = self.steps = 0
+        self.data_time = self.step_time = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, sums: dict, applied: bool, micro: int, video: int, data_time: float, step_time: float) -> None:
+        self.steps += 1
+        self.data_time += data_time
+        self.step_time += step_time
+        if applied:   # a skipped step's (non-finite) losses stay out of the means
+            for name, value in sums.items():
+                self.sums[name] = self.sums.get(name, 0.0) + value
+            self.micro += micro
+            self.video += video
+
+
 # ----------------------------------------------------------------------------------------------- engine
 class Engine:
     def __init__(self, model: torch.nn.Module, train_cfg: TrainConfig, ds_config: dict, dist: DistInfo,
                  train_loader, output_dir: str, evaluate: Optional[Callable[["Engine"], dict]] = None,
-                 run_config: Optional[dict] = None):
+                 run_config: Optional[dict] = None, resume: bool = True):
+        """resume=False: the caller registers its parts and hooks, then calls resume()."""
         import deepspeed
 
+        check_available(train_cfg)   # a missing optional logger package: one line on every rank, before the work
         self.cfg = train_cfg
         self.dist = dist
         self.loader = train_loader
@@ -226,129 +285,174 @@ class Engine:
         self.device = self.ds.device
         if dist.is_main:
             os.makedirs(output_dir, exist_ok=True)
-        self.resumed_from = self._maybe_resume()
+        self._loggers: Optional[list[MetricLogger]] = None   # rank 0, built at the first record
+        self._after_step_hooks: list[Callable[["Engine", bool], None]] = []
+        self._parts: dict[str, object] = {}
+        self._resume_ran = False
+        self.resumed_from: Optional[str] = None
+        self.register_part("progress", FnPart(self._progress_state, self._load_progress))
+        # self.loader is looked up at each call: callers may wrap it after construction
+        self.register_part("loader", FnPart(lambda: self.loader.state_dict(), lambda s: self.loader.load_state_dict(s)))
+        self.register_part("rng", FnPart(rng_state, set_rng_state))
+        if resume:
+            self.resume()
 
     # ------------------------------------------------------------------ public
     @property
     def module(self) -> torch.nn.Module:
         return self.ds.module
 
+    def register_part(self, name: str, part) -> None:
+        """Checkpoint `part` under `name` in every rank's train_state file: part.state_dict() -> tensors and plain
+        python data, part.load_state_dict(state), raising ValueError when the state does not fit this run (shown
+        as one ConfigError line). On resume parts are restored after DeepSpeed's weights (a part may overwrite
+        model tensors), except the built-in "loader" (before: a changed data layout is refused before the slow
+        load) and "rng" (last). Register before resume()."""
+        if self._resume_ran:
+            raise RuntimeError(f"register_part({name!r}): resume() already ran; construct the Engine with "
+                               "resume=False, register parts, then call engine.resume()")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a checkpoint part name must be a non-empty string, got {name!r}")
+        if name in self._parts:
+            raise ValueError(f"a checkpoint part named {name!r} is already registered")
+        if not (callable(getattr(part, "state_dict", None)) and callable(getattr(part, "load_state_dict", None))):
+            raise TypeError(f"checkpoint part {name!r}: needs state_dict() and load_state_dict(state)")
+        self._parts[name] = part
+
+    def add_after_step(self, fn: Callable[["Engine", bool], None]) -> None:
+        """fn(engine, applied) runs on every rank after each optimizer step (engine.step already counts it),
+        before logging, eval and save; applied is False for a skipped (non-finite) step. Registration order."""
+        self._after_step_hooks.append(fn)
+
+    def resume(self) -> Optional[str]:
+        """Restore output_dir's newest intact checkpoint, if any (weights, optimizer, schedule and every registered
+        part); returns its tag, None for a fresh start (also in self.resumed_from). Once, before train()."""
+        if self._resume_ran:
+            raise RuntimeError("engine.resume() already ran")
+        self._resume_ran = True
+        self.resumed_from = self._maybe_resume()
+        return self.resumed_from
+
     def request_stop(self) -> None:
         """Ask the loop to save and exit after the current step (safe from a signal handler)."""
         self._stop_requested = True
 
     def to_device(self, batch: dict) -> dict:
-        """Move tensors to the engine's device; float tensors take the engine dtype (bf16/fp16 runs). The loaders
-        hand out uint8 pixels (4x less to copy between processes and to the GPU): they are normalised here, on the
-        device, as batch["normalize"] says."""
-        out = {}
-        for k, v in batch.items():
-            if torch.is_tensor(v):
-                v = v.to(self.device, non_blocking=True)
-                if k == "pixel_values" and v.dtype == torch.uint8:
-                    v = normalize_pixels(v, batch.get("normalize", "clip"), self.dtype)
-                elif v.is_floating_point() and v.dtype != self.dtype:
-                    v = v.to(self.dtype)
-            out[k] = v
-        return out
+        """The batch on the engine's device in its dtype (datasets/batch.py: uint8 pixels are normalised there)."""
+        return to_device(batch, self.device, self.dtype)
 
     def current_lr(self) -> float:
         """LR of the base (multiplier 1) schedule."""
         return self.optimizer.param_groups[0]["lr"] / self.lr_mult0
 
     def train(self) -> dict:
+        if not self._resume_ran:   # constructed with resume=False and resume() not called: never start over
+            self.resume()
         cfg, main = self.cfg, self.dist.is_main
-        writer = self._tensorboard() if main else None
-        metrics_path = os.path.join(self.output_dir, "metrics.jsonl")
         if main:
             self._log_startup()
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not main, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         it = iter(self.loader)
-        sums: dict[str, torch.Tensor] = {}
-        micro_count, video_count, data_time, step_time = 0, 0, 0.0, 0.0
-        skip = False
-        seen_video = False
-        window_start, window_steps = time.perf_counter(), 0
+        window = _Window()
         stopped = False
-        self.ds.train()
         saved = None
+        self.ds.train()
         try:   # a raised error must not leave the bar's half line in front of its message
             while self.step < cfg.max_steps:
                 if self._stop_agreed():
                     stopped = True
                     break
-                t_step = time.perf_counter()
-                step_sums: dict[str, torch.Tensor] = {}
-                loss_bad = torch.zeros((), dtype=torch.bool, device=self.device)
-                step_video = 0
-                for micro in range(self.gas):
-                    t0 = time.perf_counter()
-                    batch = next(it)
-                    data_time += time.perf_counter() - t0
-                    step_video += batch.get("modality") == "video"
-                    out = self.ds(self.to_device(batch))
-                    loss_bad |= ~torch.isfinite(out["loss"].detach())   # no sync here: read once per step below
-                    self.ds.backward(out["loss"])
-                    skip = self._veto_if_nonfinite(loss_bad) if micro == self.gas - 1 else False
-                    self.ds.step()
-                    for name, value in self._scalars(out).items():
-                        step_sums[name] = step_sums.get(name, 0.0) + value.detach().float()
-                self.step += 1
-                window_steps += 1
-                step_time += time.perf_counter() - t_step
+                applied = self._train_step(it, window)
                 bar.update(1)
-                if self._after_step(skip):   # a healthy step: its losses count in the logged means
-                    for name, value in step_sums.items():
-                        sums[name] = sums.get(name, 0.0) + value
-                    micro_count += self.gas
-                    video_count += step_video
+                for hook in self._after_step_hooks:
+                    hook(self, applied)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    names = sorted(sums)
-                    values = all_reduce_mean(torch.stack([sums[n] for n in names]) / micro_count).tolist() if names \
-                        else []
-                    record = {"step": self.step, **dict(zip(names, values)), "lr": self.current_lr(),
-                              "samples_per_sec": cfg.global_batch_size * window_steps / elapsed,
-                              "samples_per_sec_per_rank": cfg.global_batch_size * window_steps / elapsed
-                              / self.dist.world_size,
-                              "data_time": data_time / window_steps, "step_time": step_time / window_steps,
-                              "samples_seen": self.step * cfg.global_batch_size, "skipped_steps": self.skipped_steps}
-                    seen_video = seen_video or video_count > 0
-                    if seen_video and micro_count:  # mixed or video runs: the share of video micro batches
-                        record["video_batch_fraction"] = video_count / micro_count
-                    record.update(self._data_health())
-                    grad_norm = self.ds.get_global_grad_norm()
-                    if grad_norm is None:
-                        grad_norm = self._own_grad_norm
-                    if grad_norm is not None:
-                        record["grad_norm"] = float(grad_norm)
-                    if self.dtype == torch.float16:
-                        record["loss_scale"] = float(self.optimizer.cur_scale)
-                    if main:
-                        self._write_metrics(metrics_path, writer, record)
-                        bar.set_postfix_str(self._postfix(record), refresh=False)
-                    sums, micro_count, video_count, data_time, step_time = {}, 0, 0, 0.0, 0.0
-                    window_start, window_steps = time.perf_counter(), 0
+                    record = self._train_record(window)   # all-reduces: every rank
+                    self._log(record, "train")
+                    bar.set_postfix_str(self._postfix(record), refresh=False)
+                    window.reset()
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self.evaluate(writer)
+                    self.evaluate()
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     saved = self.save()
         finally:
             bar.close()
-        if not stopped:
-            if self.last_eval_step != self.step:
-                self.evaluate(writer)
+        if not stopped and self.last_eval_step != self.step:
+            self.evaluate()
         if self.last_save_step != self.step and self.step > 0:
             saved = self.save()
-        in_sync = self.check_ranks_in_sync() if self.dist.world_size > 1 else True
-        if main and self.dist.world_size > 1:
-            print(f"ranks in sync: {in_sync} (parameter fingerprint {self.param_fingerprint:.17g})", flush=True)
-        if writer is not None:
-            writer.close()
+        self._close_loggers()   # each logger flushes every record: a crash before here loses nothing
+        in_sync = None
+        if cfg.check_ranks_in_sync:   # a full parameter gather under ZeRO-3: only when asked
+            in_sync = self.check_ranks_in_sync()
+            if main:
+                print(f"ranks in sync: {in_sync} (parameter fingerprint {self.param_fingerprint:.17g})", flush=True)
         return {"step": self.step, "stopped": stopped, "ranks_in_sync": in_sync,
                 "saved": os.path.basename(saved) if saved else None}
+
+    def _train_step(self, it, window: _Window) -> bool:
+        """One optimizer step over `gas` micro batches; True when it was applied (not skipped)."""
+        t_step = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        loss_bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        video, data_time = 0, 0.0
+        for micro in range(self.gas):
+            t0 = time.perf_counter()
+            batch = next(it)
+            data_time += time.perf_counter() - t0
+            video += batch.get(MODALITY) == "video"
+            out = self.ds({**self.to_device(batch), STEP: self.step})   # STEP: the step being computed
+            loss_bad |= ~torch.isfinite(out["loss"].detach())   # no sync here: read once per step below
+            self.ds.backward(out["loss"])
+            skip = self._veto_if_nonfinite(loss_bad) if micro == self.gas - 1 else False
+            self.ds.step()
+            for name, value in self._scalars(out).items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+        self.step += 1
+        step_time = time.perf_counter() - t_step
+        applied = self._after_step(skip)
+        window.add(sums, applied, self.gas, video, data_time, step_time)
+        return applied
+
+    def _train_record(self, w: _Window) -> dict:
+        """The logged record: means over the window's healthy micro batches (and ranks), rates, health."""
+        cfg = self.cfg
+        elapsed = time.perf_counter() - w.start
+        names = sorted(w.sums)
+        values = all_reduce_mean(torch.stack([w.sums[n] for n in names]) / w.micro).tolist() if names else []
+        rate = cfg.global_batch_size * w.steps / elapsed
+        record = {"step": self.step, **dict(zip(names, values)), "lr": self.current_lr(),
+                  "samples_per_sec": rate, "samples_per_sec_per_rank": rate / self.dist.world_size,
+                  "data_time": w.data_time / w.steps, "step_time": w.step_time / w.steps,
+                  "samples_seen": self.step * cfg.global_batch_size, "skipped_steps": self.skipped_steps}
+        w.seen_video = w.seen_video or w.video > 0
+        if w.seen_video and w.micro:  # mixed or video runs: the share of video micro batches
+            record["video_batch_fraction"] = w.video / w.micro
+        record.update(self._data_health())
+        grad_norm = self.ds.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self._own_grad_norm
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if self.dtype == torch.float16:
+            record["loss_scale"] = float(self.optimizer.cur_scale)
+        return record
+
+    def _log(self, record: dict, prefix: str) -> None:
+        """Hand a record to the loggers (rank 0; built on first use, so a run that never logs writes no files)."""
+        if not self.dist.is_main:
+            return
+        if self._loggers is None:
+            self._loggers = build_loggers(self.cfg, self.output_dir, self.run_config)
+        for logger in self._loggers:
+            logger.log(record["step"], record, prefix)
+
+    def _close_loggers(self) -> None:
+        for logger in self._loggers or ():
+            logger.close()
+        self._loggers = None
 
     def _veto_if_nonfinite(self, loss_bad: torch.Tensor) -> bool:
         """Before the optimizer step: is this step's loss (any micro batch, any rank) or, at ZeRO-0, its gradient
@@ -394,7 +498,7 @@ class Engine:
                 return f"the newest checkpoint is {os.path.join(self.ckpt_dir, f.read().strip())}"
         return "no checkpoint was written yet"
 
-    def evaluate(self, writer=None) -> Optional[dict]:
+    def evaluate(self) -> Optional[dict]:
         """Run the eval hook on all ranks (ZeRO-3 needs every rank), RNG-neutral so resumed runs match."""
         if self.evaluate_hook is None:
             return None
@@ -409,14 +513,7 @@ class Engine:
         self.last_eval_step = self.step
         if result and self.dist.is_main:
             result = {"step": self.step, **result}
-            atomic_write_json(os.path.join(self.output_dir, "eval.json"), result)
-            with open(os.path.join(self.output_dir, "eval.jsonl"), "a") as f:
-                f.write(json.dumps(result) + "\n")
-            if writer is not None:
-                for k, v in result.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        writer.add_scalar(f"eval/{k}", v, self.step)
-                writer.flush()
+            self._log(result, "eval")
             shown = " ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float))
             print(f"\neval @ step {self.step}: {shown}", flush=True)
         return result
@@ -425,6 +522,9 @@ class Engine:
         """Checkpoint on ALL ranks (ZeRO shards live on each). The tag's COMPLETE marker and then `latest` are
         written only once every rank has written every file; weights that are not finite are never saved."""
         self._check_weights_finite()
+        parts = {name: part.state_dict() for name, part in self._parts.items()}
+        for name, state in parts.items():
+            _check_plain(state, f"checkpoint part {name!r}")
         tag = f"step_{self.step}"
         tag_dir = os.path.join(self.ckpt_dir, tag)
         marker = os.path.join(tag_dir, COMPLETE)
@@ -434,12 +534,12 @@ class Engine:
                 os.remove(marker)
         barrier()
         os.makedirs(tag_dir, exist_ok=True)
-        state = {"step": self.step, "world_size": self.dist.world_size, "loader": self.loader.state_dict(),
-                 "rng": rng_state()}
+        state = {"step": self.step, "world_size": self.dist.world_size, "parts": parts}
         atomic_torch_save(state, os.path.join(tag_dir, f"train_state_rank{self.dist.rank}.pt"))
+        # client_state is for tools (convert_checkpoint's step and config, the config-change check); resume
+        # reads its progress from the parts above
         self.ds.save_checkpoint(self.ckpt_dir, tag=tag, save_latest=False,
-                                client_state={"step": self.step, "last_eval_step": self.last_eval_step,
-                                              "config": self.run_config})
+                                client_state={"step": self.step, "config": self.run_config})
         barrier()
         if self.dist.is_main:
             atomic_write_json(marker, {"step": self.step, "world_size": self.dist.world_size})
@@ -518,35 +618,49 @@ class Engine:
             if main:
                 self._truncate_logs(0)
             return None
-        own = os.path.join(self.ckpt_dir, tag, f"train_state_rank{self.dist.rank}.pt")
+        tag_dir = os.path.join(self.ckpt_dir, tag)
+        own = os.path.join(tag_dir, f"train_state_rank{self.dist.rank}.pt")
         state = safe_load(own)
         if not isinstance(state, dict) or state.get("world_size") != self.dist.world_size:
             raise CheckpointError(f"{own}: not a train state of a {self.dist.world_size}-rank run")
+        saved = state.get("parts")
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{tag_dir}: its train state has no named parts (written by an older version); use "
+                              "a new --output_dir")
+        missing = [name for name in self._parts if name not in saved]
+        if missing:
+            raise ConfigError(f"{tag_dir}: written by a run without {missing[0]!r}; use a new --output_dir")
+        for name in saved:
+            if name not in self._parts:
+                warn(f"{own}: ignoring its part {name!r} (nothing in this run restores it)")
         changed = self._config_changes(tag)   # before the (slow) model load, like the data layout check below
-        try:   # a changed data layout is the commonest resume mistake
-            self.loader.load_state_dict(state["loader"])
-        except ValueError as e:
-            raise ConfigError(f"resuming {os.path.join(self.ckpt_dir, tag)}: {e}") from None
+        self._load_part("loader", saved, tag_dir)   # a changed data layout is the commonest resume mistake
         try:
-            path, client = self.ds.load_checkpoint(self.ckpt_dir, tag=tag)
+            path, _ = self.ds.load_checkpoint(self.ckpt_dir, tag=tag)
         except RuntimeError as e:  # strict load: keys or shapes differ from this run's model
             lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
             first = " ".join(lines[:2])[:400] if lines else type(e).__name__  # torch: header + missing/unexpected keys
-            raise ConfigError(f"{os.path.join(self.ckpt_dir, tag)}: does not fit this run's model (written with another "
+            raise ConfigError(f"{tag_dir}: does not fit this run's model (written with another "
                               f"model/objectives config? use a new --output_dir): {first}") from None
         if path is None:
-            raise CheckpointError(f"{os.path.join(self.ckpt_dir, tag)}: DeepSpeed could not load it")
+            raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it")
         apply_hyperparameters(self.scheduler.optimizer, self.scheduler, self.cfg)
         if changed and main:
             print(f"resume: the config differs from {tag}'s; applying the new values: {changed}", flush=True)
-        self.step = client["step"]
-        self.last_eval_step = client.get("last_eval_step", -1)
-        self.last_save_step = self.step
-        set_rng_state(state["rng"])
+        # after the weights (a part may overwrite model tensors); the RNG last, whatever the others draw
+        for name in [n for n in self._parts if n not in ("loader", "rng")] + ["rng"]:
+            self._load_part(name, saved, tag_dir)
         if main:
             self._truncate_logs(self.step)
-            print(f"resumed from {os.path.join(self.ckpt_dir, tag)} at step {self.step}", flush=True)
+            print(f"resumed from {tag_dir} at step {self.step}", flush=True)
         return tag
+
+    def _load_part(self, name: str, saved: dict, tag_dir: str) -> None:
+        try:
+            self._parts[name].load_state_dict(saved[name])
+        except ValueError as e:   # the saved state does not fit this run (data layout, queue sizes): one line
+            what = "" if name == "loader" else f"checkpoint part {name!r}: "   # the loader's messages name the key
+            raise ConfigError(f"resuming {tag_dir}: {what}{e}") from None
 
     def _config_changes(self, tag: str) -> str:
         """What differs between the checkpoint's run config and this run's, as one printable line. Optimizer
@@ -600,18 +714,12 @@ class Engine:
             if name != keep:
                 shutil.rmtree(os.path.join(self.ckpt_dir, name), ignore_errors=True)
 
-    def _tensorboard(self):
-        from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
+    def _progress_state(self) -> dict:
+        return {"step": self.step, "last_eval_step": self.last_eval_step}
 
-    def _write_metrics(self, path: str, writer, record: dict) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for k, v in record.items():
-                if k != "step":
-                    writer.add_scalar(f"train/{k}", v, self.step)
-            writer.flush()
+    def _load_progress(self, state: dict) -> None:
+        self.step, self.last_eval_step = state["step"], state["last_eval_step"]
+        self.last_save_step = self.step
 
     @staticmethod
     def _postfix(r: dict) -> str:

@@ -37,7 +37,7 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, caption_ids: list) -
 
 @torch.no_grad()
 def zero_shot_retrieval(engine, loader, source_names: list[str] | None = None) -> dict:
-    """Embed every eval sample with model.encode_image / encode_text and score retrieval both ways.
+    """Embed every eval sample with model.embed_image / embed_text and score retrieval both ways.
 
     Each eval source is its own retrieval pool (an image set and a video set are not ranked against each other):
     with one source the keys are flat (i2t_r1, ...); with several they are prefixed by the source's name
@@ -47,8 +47,8 @@ def zero_shot_retrieval(engine, loader, source_names: list[str] | None = None) -
     for batch in loader:
         imgs, txts, caption_ids = pools.setdefault(int(batch.get("source", 0)), ([], [], []))
         b = engine.to_device(batch)
-        imgs.append(model.encode_image(b["pixel_values"]).float().cpu())
-        txts.append(model.encode_text(b["input_ids"], b["attention_mask"]).float().cpu())
+        imgs.append(model.embed_image(b["pixel_values"]).float().cpu())
+        txts.append(model.embed_text(b["input_ids"], b["attention_mask"]).float().cpu())
         if "caption" in batch:   # raw strings: truncation cannot merge two different captions
             caption_ids.extend(batch["caption"])
         else:

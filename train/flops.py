@@ -6,19 +6,22 @@ Counted with torch.utils.flop_counter.FlopCounterMode on CPU at the config's mod
 a text tower that names a missing local dir is built by random init at that architecture's size). Counted FLOPs are
 those of matmuls/convolutions/attention (what FlopCounterMode counts); elementwise ops are not counted.
 
-ours      one training step as VLPModel runs it: the unmasked image and text encodings are computed once
-          ("shared") and reused by every objective; MGSC and MLTC share the masked passes A/B; the last fusion layer
-          computes only the tokens a pass's objective reads (ITM: CLS only; MLM: text only; ...).
-official  the released SCL code re-encodes both modalities in every objective: ITC, ITM and MLM each get a fresh
-          StepContext; MGSC+MLTC share one fresh StepContext (MLTC reuses MGSC's passes A/B and adds pass C);
-          ITM is counted in "b" mode (one fusion pass of B pairs) whatever the config says; every fusion pass
-          computes all tokens of both streams.
+Nothing here names an objective: the groups and parts come from what the objectives declare (models/passes.py kinds).
+
+ours      one training step as VLPModel runs it: each shared pass is computed once per step and reused by every
+          objective that reads it (for GLSCL: the unmasked encodings, and MGSC/MLTC's masked passes A/B); the last
+          fusion layer computes only the tokens a pass's objective reads (ITM: CLS only; MLM: text only; ...).
+official  the released code's structure: every group of objectives (below) gets a fresh StepContext, i.e. re-encodes
+          both modalities; each objective runs at its `official_config` (ITM: one fusion pass of B pairs, whatever
+          the config says); every fusion pass computes all tokens of both streams.
 
 Attribution (every number is forward + backward, per sample, except the "fwd" split of a group):
-  ours:     "shared" = the unmasked encoders (forward + their backward of the gradients all objectives send them);
-            each objective = its own forward + backward, up to the shared encodings (which it sees as leaves).
-            MGSC and MLTC share passes A/B, so their backward is one group "mgsc+mltc" (forward split shown).
-  official: each objective = a full forward + backward from a fresh context (encoders included); "mgsc+mltc" as above.
+  ours:     "pass:<name>" = a shared pass: the unmasked encoders ("encoding" kind: forward + the backward of the
+            gradients all objectives send them) or a pass without gradient (momentum encoders: forward only);
+            each group = its objectives' own forward + backward, up to the encodings (which they see as leaves).
+            Objectives reading the same shared pass with gradient form one group ("mgsc+mltc": passes A/B), shown
+            with its forward split.
+  official: each group = a full forward + backward from a fresh context (encoders included).
 The per-part numbers sum exactly to the totals; `ratio` (last line) = ours total / official total.
 """
 from __future__ import annotations
@@ -29,7 +32,6 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -117,26 +119,56 @@ def _loss(model, name, out):
     return model.weights[name] * sum(out.losses.values())
 
 
+def _groups(model) -> list[list[str]]:
+    """Objectives that read the same shared pass with gradient ("pass" kind: GLSCL's A/B) backpropagate together:
+    one group per connected set, in run order."""
+    groups: list[tuple[set, list[str]]] = []
+    for name, obj in model.objectives.items():
+        shared = {k.name for k in type(obj).reads if model.passes[k.name].kind == "pass"}
+        joined = [g for g in groups if g[0] & shared]
+        keys, members = set(shared), []
+        for g in joined:
+            keys |= g[0]
+            members += g[1]
+            groups.remove(g)
+        groups.append((keys, members + [name]))
+    order = list(model.objectives)
+    return sorted((sorted(m, key=order.index) for _, m in groups), key=lambda m: order.index(m[0]))
+
+
+def _leaf(value):
+    """The value with every tensor replaced by a detached leaf that requires grad, and the (tensor, leaf) pairs."""
+    if torch.is_tensor(value):
+        leaf = value.detach().requires_grad_()
+        return leaf, [(value, leaf)]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        fields, pairs = {}, []
+        for f in value._fields:
+            fields[f], p = _leaf(getattr(value, f))
+            pairs += p
+        return type(value)(**fields), pairs
+    return value, []
+
+
 def _count_ours(model, batch):
-    from models.vlp import StepContext
+    from models.passes import StepContext
 
     parts, fwd_split = {}, {}
     with FlopCounterMode(display=False) as fc:
         def now():
             return fc.get_total_flops()
         ctx = StepContext(model, batch)
-        start = now()
-        image_proj, text_proj = ctx.image_proj, ctx.text_proj
-        shared_fwd = now() - start
-        # The objectives see the shared encodings as leaves; their gradients are sent through the encoders once.
-        image_leaf = image_proj.detach().requires_grad_()
-        text_leaf = text_proj.detach().requires_grad_()
-        ctx.__dict__["image_proj"], ctx.__dict__["text_proj"] = image_leaf, text_leaf
-        groups = [[n] for n in model.objectives if n not in ("mgsc", "mltc")]
-        glscl = [n for n in model.objectives if n in ("mgsc", "mltc")]
-        if glscl:
-            groups.append(glscl)
-        for group in groups:
+        # Unmasked encodings: computed once; objectives see them as leaves, and the gradients every objective sends
+        # them go through the encoders once. Passes without gradient (momentum encoders) are forward only.
+        leaves = {}
+        for name, p in model.passes.items():
+            if p.kind in ("encoding", "no_grad"):
+                start = now()
+                value = ctx.get(type(p))
+                parts[f"pass:{name}"] = now() - start
+                if p.kind == "encoding":
+                    ctx.values[name], leaves[name] = _leaf(value)
+        for group in _groups(model):
             start = now()
             loss = 0.0
             for name in group:
@@ -145,11 +177,12 @@ def _count_ours(model, batch):
                 fwd_split[name] = now() - s
             loss.backward()
             parts["+".join(group)] = now() - start
-        start = now()
-        grads = [(t, l.grad) for t, l in ((image_proj, image_leaf), (text_proj, text_leaf)) if l.grad is not None]
-        if grads:
-            torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
-        parts = {"shared": shared_fwd + now() - start, **parts}
+        for name, pairs in leaves.items():
+            start = now()
+            grads = [(t, l.grad) for t, l in pairs if l.grad is not None]
+            if grads:
+                torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
+            parts[f"pass:{name}"] += now() - start
         total = now()
     return parts, fwd_split, total
 
@@ -171,46 +204,49 @@ def _full_fusion_outputs(model):
         del fusion.forward
 
 
+@contextlib.contextmanager
+def _official_configs(model):
+    """Each objective at the setting the official code's cost corresponds to (`Objective.official_config`)."""
+    saved = {n: o.cfg for n, o in model.objectives.items()}
+    try:
+        for o in model.objectives.values():
+            o.cfg = type(o).official_config(o.cfg)
+        yield
+    finally:
+        for n, o in model.objectives.items():
+            o.cfg = saved[n]
+
+
 def _count_official(model, batch):
-    from models.vlp import StepContext
+    from models.passes import StepContext
 
     parts, fwd_split = {}, {}
-    itm = model.objectives["itm"] if "itm" in model.objectives else None
-    saved = itm.cfg if itm is not None else None
-    if itm is not None:
-        itm.cfg = dataclasses.replace(saved, pairs="b")
-    try:
-        with _full_fusion_outputs(model), FlopCounterMode(display=False) as fc:
-            groups = [[n] for n in model.objectives if n not in ("mgsc", "mltc")]
-            glscl = [n for n in model.objectives if n in ("mgsc", "mltc")]
-            if glscl:
-                groups.append(glscl)
-            for group in groups:
-                start = fc.get_total_flops()
-                ctx = StepContext(model, batch)  # fresh: nothing shared with the other objectives
-                loss = 0.0
-                for name in group:
-                    s = fc.get_total_flops()
-                    loss = loss + _loss(model, name, model.objectives[name](ctx))
-                    fwd_split[name] = fc.get_total_flops() - s
-                loss.backward()
-                parts["+".join(group)] = fc.get_total_flops() - start
-            total = fc.get_total_flops()
-    finally:
-        if itm is not None:
-            itm.cfg = saved
+    with _official_configs(model), _full_fusion_outputs(model), FlopCounterMode(display=False) as fc:
+        for group in _groups(model):
+            start = fc.get_total_flops()
+            ctx = StepContext(model, batch)  # fresh: nothing shared with the other groups
+            loss = 0.0
+            for name in group:
+                s = fc.get_total_flops()
+                loss = loss + _loss(model, name, model.objectives[name](ctx))
+                fwd_split[name] = fc.get_total_flops() - s
+            loss.backward()
+            parts["+".join(group)] = fc.get_total_flops() - start
+        total = fc.get_total_flops()
     return parts, fwd_split, total
 
 
-def count_flops(cfg, batch_size: int = 2, seed: int = 0, itm_pairs: str | None = None, log=print) -> dict:
+def count_flops(cfg, batch_size: int = 2, seed: int = 0, official_settings: bool = False, log=print) -> dict:
     """-> {"ours": {...}, "official": {...}}, each {"parts": {name: FLOPs per sample, fwd+bwd},
-    "fwd": {objective: forward FLOPs per sample}, "total": FLOPs per sample}. `itm_pairs` overrides ours' ITM mode."""
+    "fwd": {objective: forward FLOPs per sample}, "total": FLOPs per sample}. `official_settings`: ours runs every
+    objective at its official setting too (`Objective.official_config`)."""
+    from models.objectives import OBJECTIVES
     from models.vlp import build_model
 
     model_cfg, tokenizer = prepare_model_config(cfg, log)
     objectives = dict(cfg.objectives)
-    if itm_pairs is not None and "itm" in objectives:
-        objectives["itm"] = dataclasses.replace(objectives["itm"], pairs=itm_pairs)
+    if official_settings:
+        objectives = {n: OBJECTIVES[n].official_config(c) for n, c in objectives.items()}
     torch.manual_seed(seed)
     model = build_model(model_cfg, objectives, tokenizer).train()
     batch = synthetic_batch(tokenizer, batch_size, getattr(cfg.data, "num_frames", 1) or 1, cfg.data.image_size,
@@ -259,15 +295,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     res = count_flops(cfg, args.batch)
     print(f"config {args.config}, batch {args.batch}; ours = shared passes (as trained), "
-          f"official = fresh encoders per objective (ITM in 'b' mode)")
+          f"official = fresh encoders per objective group, each at its official setting")
     print("\n".join(format_table(res)))
     ratio = res["ours"]["total"] / res["official"]["total"]
-    itm = cfg.objectives.get("itm")
-    if itm is not None and itm.pairs == "3b":
-        alt = count_flops(cfg, args.batch, itm_pairs="b", log=lambda *_: None)
-        print(f"note: the config's ITM uses pairs=3b (3B fusion pairs vs the official B); with objectives.itm.pairs=b "
-              f"ours would be {alt['ours']['total'] / 1e9:.2f} GFLOPs/sample, "
-              f"ratio {alt['ours']['total'] / alt['official']['total']:.4f}")
+    from models.objectives import OBJECTIVES
+    differ = [f"objectives.{n}" for n, c in cfg.objectives.items() if OBJECTIVES[n].official_config(c) != c]
+    if differ:
+        alt = count_flops(cfg, args.batch, official_settings=True, log=lambda *_: None)
+        print(f"note: {', '.join(differ)} cost more than the official code's setting (e.g. objectives.itm.pairs=3b: "
+              f"3B fusion pairs vs B); at the official settings ours would be {alt['ours']['total'] / 1e9:.2f} "
+              f"GFLOPs/sample, ratio {alt['ours']['total'] / alt['official']['total']:.4f}")
     print(f"ratio: {ratio:.4f}")
     return 0
 

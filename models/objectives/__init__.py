@@ -1,12 +1,14 @@
-"""Pretraining objectives: one module per objective, each owning its heads and returning named losses.
+"""The objective registry: config name -> Objective class. Adding an objective = its own file + one entry here.
 
-Order matters only for sharing: ITC runs first and leaves its similarities for ITM's hard negatives; MGSC and MLTC
-share the masked fusion passes A and B (whichever runs first computes them).
+Registry order is the build order (it decides the random init of the heads) and the run order among objectives that
+do not depend on each other; an objective that publishes a shared pass always runs before those reading it.
 """
-from models.objectives.glscl import MGSC, MLTC, MgscConfig, MltcConfig
-from models.objectives.itc import ITC, ItcConfig
-from models.objectives.itm import ITM, ItmConfig
-from models.objectives.mlm import MLM, MlmConfig
+from models.objectives.base import Objective
+from models.objectives.glscl import MGSC, MLTC
+from models.objectives.ita import ITA
+from models.objectives.itc import ITC
+from models.objectives.itm import ITM
+from models.objectives.mlm import MLM
 
-OBJECTIVE_CONFIGS = {"itc": ItcConfig, "itm": ItmConfig, "mlm": MlmConfig, "mgsc": MgscConfig, "mltc": MltcConfig}
-OBJECTIVE_ORDER = ("itc", "itm", "mlm", "mgsc", "mltc")
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (ITC, ITA, ITM, MLM, MGSC, MLTC)}
+

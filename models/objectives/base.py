@@ -1,9 +1,22 @@
-"""What every objective shares: its output type and the gather it uses across data-parallel ranks."""
+"""What every objective shares: the Objective declaration, its output type, the build environment and the gather.
+
+An objective is one file holding its config dataclass and an `Objective` subclass that declares:
+  name           the key under `objectives:` in a run config (and in models/objectives/__init__.py's registry)
+  Config         its config dataclass (validated by `validate()`; every config has a finite `weight` >= 0)
+  reads          the shared passes it reads (models/passes.py, or its own file's); `publishes`: those it writes
+  heads          the backbone heads it uses ("itc", "itm"); the backbone builds them
+  pretrain_only  True: `convert_checkpoint.py to-finetune` drops its parameters and its config entry
+  batch_keys     optional batch keys it reads (datasets/batch.py), e.g. MLM's collator-masked text
+and implements `forward(ctx) -> ObjectiveOutput` (unweighted, named losses). Optional class methods:
+`official_config(cfg)` (the setting the official code's cost corresponds to, for train/flops.py) and
+`check_run(cfg, run)` (rules against the rest of the run config).
+"""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.nn as nn
 
 
 class ObjectiveOutput(NamedTuple):
@@ -11,6 +24,54 @@ class ObjectiveOutput(NamedTuple):
 
     losses: dict[str, torch.Tensor]  # unweighted, named; names are unique across objectives
     stats: dict[str, torch.Tensor] = {}  # detached scalars worth logging (never mutated)
+
+
+class BuildEnv:
+    """What an objective's constructor may use: the backbone being built, the tokenizer, the shared passes."""
+
+    def __init__(self, backbone: nn.Module, tokenizer):
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.passes: dict[str, nn.Module] = {}
+
+    @property
+    def special_ids(self) -> list[int]:
+        return sorted({int(i) for i in self.tokenizer.all_special_ids})
+
+    def use(self, kind: type, **settings):
+        """The one instance of shared pass `kind` for this model (created on first use), with these settings."""
+        inst = self.passes.get(kind.name)
+        if inst is None:
+            inst = self.passes[kind.name] = kind(**settings)
+        else:
+            inst.configure(**settings)
+        return inst
+
+
+class Objective(nn.Module):
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    reads: ClassVar[tuple[type, ...]] = ()
+    publishes: ClassVar[tuple[type, ...]] = ()
+    heads: ClassVar[tuple[str, ...]] = ()
+    pretrain_only: ClassVar[bool] = True
+    batch_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg, env: BuildEnv):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+
+    @classmethod
+    def official_config(cls, cfg):
+        return cfg
+
+    @classmethod
+    def check_run(cls, cfg, run: Any) -> None:
+        """Raise ValueError("dotted.key: message") when `cfg` cannot work with the run config `run`."""
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
 
 
 class LocalGather:

@@ -1,6 +1,6 @@
 """GLSCL's self-supervised cross-modal objectives: MGSC (global, = SCL) and MLTC (local tokens). methods.md §1.3.
 
-Both use two fusion passes shared through the StepContext (`ctx.glscl_passes`), computed once per step:
+Both read two fusion passes shared through the StepContext (`GlsclPasses`, declared here), computed once per step:
   pass A = F(image with 80% of patches dropped MAE-style, full text)
   pass B = F(full image, text with 40% of tokens replaced by the mask token)
 MLTC adds pass C = F(image with 30% of patch embeddings replaced by a learnable mask token, full text).
@@ -16,14 +16,16 @@ nce = SCL's NormSoftmaxLoss at the fixed temperature 0.03: the SUM of both direc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.masking import random_token_mask
-from models.objectives.base import ObjectiveOutput, check_weight
+from models.fusion import FusionOutput
+from models.masking import mask_text_for_completion, random_keep_indices, random_token_mask
+from models.objectives.base import BuildEnv, Objective, ObjectiveOutput, check_weight
+from models.passes import ImageEncoding, Pass, TextEncoding
 
 
 def nce(p: torch.Tensor, g: torch.Tensor, tau: float) -> torch.Tensor:
@@ -74,31 +76,67 @@ class MltcConfig:
         check_weight("objectives.mltc.text_weight", self.text_weight)
 
 
-class _SharedPasses(nn.Module):
-    """Holds what the shared passes A/B need: the text mask token id, the special ids and the mask ratios."""
+class GlsclPassesOut(NamedTuple):
+    a: FusionOutput            # fusion(image with image_mask_ratio of its patches dropped, full text)
+    b: FusionOutput            # fusion(full image, text with text_mask_ratio of its tokens masked)
+    keep: torch.Tensor         # (B, K) kept patch indices of A
+    text_mask: torch.Tensor    # (B, L) bool, the masked text positions of B
+    masked_ids: torch.Tensor   # (B, L) B's text ids
 
-    def __init__(self, mask_token_id: int, special_ids, mgsc_cfg: MgscConfig):
-        super().__init__()
+
+class GlsclPasses(Pass):
+    """GLSCL's masked passes A and B, shared by MGSC and MLTC. Settings (all users must agree): image_mask_ratio,
+    text_mask_ratio, text_mask_sampling (MGSC's config; the defaults when only MLTC runs) and tokens ("cls": the last
+    fusion layer computes only the CLS tokens MGSC reads; "all": MLTC also reads every token)."""
+    name, kind = "glscl", "pass"
+    defaults = dict(image_mask_ratio=MgscConfig.image_mask_ratio, text_mask_ratio=MgscConfig.text_mask_ratio,
+                    text_mask_sampling=MgscConfig.text_mask_sampling)
+
+    def __init__(self, mask_token_id: int, special_ids: list[int], **settings):
+        super().__init__(**settings)
         self.mask_token_id = mask_token_id
-        self.image_mask_ratio = mgsc_cfg.image_mask_ratio
-        self.text_mask_ratio = mgsc_cfg.text_mask_ratio
-        self.text_with_replacement = mgsc_cfg.text_mask_sampling == "with_replacement"
-        self.register_buffer("special_ids", torch.tensor(sorted(set(special_ids)), dtype=torch.long),
-                             persistent=False)
+        self.register_buffer("special_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
 
-    def passes(self, ctx):
-        return ctx.glscl_passes(self.image_mask_ratio, self.text_mask_ratio, self.mask_token_id, self.special_ids,
-                                self.text_with_replacement)
+    def setting(self, key: str):
+        return self.settings.get(key, self.defaults.get(key))
+
+    def compute(self, ctx) -> GlsclPassesOut:
+        model = ctx.model
+        keep = random_keep_indices(ctx.pixel_values.shape[0], model.vision.num_patches,
+                                   1.0 - self.setting("image_mask_ratio"), ctx.pixel_values.device)
+        # Read from A: frame CLS (MGSC) and text tokens (MLTC targets, MGSC text target = its CLS);
+        # from B: text and frame CLS (MGSC), plus all tokens when MLTC runs. The last fusion layer computes only those.
+        tokens = self.settings.get("tokens", "cls")
+        image_a = model.encode_image(ctx.pixel_values, keep=keep)
+        a = model.fuse(ctx.text, ctx.attention_mask, image_a, text_out=tokens, image_out="cls")
+        masked_ids, text_mask = mask_text_for_completion(
+            ctx.input_ids, ctx.attention_mask, self.special_ids, self.mask_token_id, self.setting("text_mask_ratio"),
+            with_replacement=self.setting("text_mask_sampling") == "with_replacement")
+        b = model.fuse(model.encode_text(masked_ids, ctx.attention_mask), ctx.attention_mask, ctx.image,
+                       text_out=tokens, image_out=tokens)
+        return GlsclPassesOut(a, b, keep, text_mask, masked_ids)
 
 
-class MGSC(_SharedPasses):
-    def __init__(self, cfg: MgscConfig, mask_token_id: int, special_ids):
-        cfg.validate()
-        super().__init__(mask_token_id, special_ids, cfg)
-        self.cfg = cfg
+def _use_passes(env: BuildEnv, **settings) -> GlsclPasses:
+    inst = env.passes.get(GlsclPasses.name)
+    if inst is None:
+        inst = env.passes[GlsclPasses.name] = GlsclPasses(env.tokenizer.mask_token_id, env.special_ids)
+    inst.configure(**settings)
+    return inst
+
+
+class MGSC(Objective):
+    name, Config = "mgsc", MgscConfig
+    reads = (ImageEncoding, TextEncoding, GlsclPasses)
+
+    def __init__(self, cfg: MgscConfig, env: BuildEnv):
+        super().__init__(cfg, env)
+        _use_passes(env, image_mask_ratio=cfg.image_mask_ratio, text_mask_ratio=cfg.text_mask_ratio,
+                    text_mask_sampling=cfg.text_mask_sampling)
 
     def forward(self, ctx) -> ObjectiveOutput:
-        a, b = self.passes(ctx)
+        p = ctx.get(GlsclPasses)
+        a, b = p.a, p.b
         f, tau = ctx.num_frames, self.cfg.temperature
         # Image: prediction = frame-CLS of A (image masked), target = sg(frame-CLS of B); per frame, mean over frames.
         image = sum(nce(ctx.gather(a.image[:, i]), ctx.gather(b.image[:, i].detach()), tau) for i in range(f)) / f
@@ -108,36 +146,40 @@ class MGSC(_SharedPasses):
                                {"mgsc_image": image.detach(), "mgsc_text": text.detach()})
 
 
-class MLTC(_SharedPasses):
-    def __init__(self, cfg: MltcConfig, vision_dim: int, mask_token_id: int, special_ids, mgsc_cfg: MgscConfig):
-        cfg.validate()
-        super().__init__(mask_token_id, special_ids, mgsc_cfg)
-        self.cfg = cfg
+class MLTC(Objective):
+    """Reuses MGSC's passes A and B, so it masks with MGSC's ratios (the defaults when MGSC is off)."""
+    name, Config = "mltc", MltcConfig
+    reads = (ImageEncoding, TextEncoding, GlsclPasses)
+
+    def __init__(self, cfg: MltcConfig, env: BuildEnv):
+        super().__init__(cfg, env)
+        _use_passes(env, tokens="all")
         # SCL's code initialises visual_mask_token with randn (N(0, 1)); we use trunc-normal std 0.02 like the ViT's
         # own cls/pos embeddings (BEiT/SimMIM), so the masked embedding is on the patch embeddings' scale.
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, vision_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, env.backbone.vision.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
     def forward(self, ctx) -> ObjectiveOutput:
-        a, b = self.passes(ctx)
+        p = ctx.get(GlsclPasses)
+        a, b = p.a, p.b
         c = self.cfg
         f, bsz = ctx.num_frames, ctx.pixel_values.shape[0]
-        vision = ctx.model.vision
-        token_mask = random_token_mask(bsz, vision.num_patches, c.image_token_mask_ratio, ctx.pixel_values.device)
-        ctx.cache["mltc_token_mask"] = token_mask
-        image_c = ctx.model.fusion.project_image(
-            vision(ctx.pixel_values, token_mask=token_mask, mask_token=self.mask_token).tokens)
-        pass_c = ctx.fuse(ctx.text_proj, ctx.attention_mask, image_c, text_out="none")  # only image tokens are read
+        model = ctx.model
+        num_patches = model.vision.num_patches
+        token_mask = random_token_mask(bsz, num_patches, c.image_token_mask_ratio, ctx.pixel_values.device)
+        self.last_token_mask = token_mask   # for inspection (tests); not state
+        image_c = model.encode_image(ctx.pixel_values, token_mask=token_mask, mask_token=self.mask_token)
+        pass_c = model.fuse(ctx.text, ctx.attention_mask, image_c, text_out="none")  # only image tokens are read
         # Image tokens (local batch): patch tokens of C at the masked positions vs sg(B's) at the same positions;
         # tube: a masked position is masked in every frame.
-        patches = lambda t: t[:, f:].unflatten(1, (f, vision.num_patches))  # (B, F, P, D)
-        m_v = token_mask[:, None, :].expand(bsz, f, vision.num_patches)
+        patches = lambda t: t[:, f:].unflatten(1, (f, num_patches))  # (B, F, P, D)
+        m_v = token_mask[:, None, :].expand(bsz, f, num_patches)
         image = nce(patches(pass_c.image)[m_v], patches(b.image).detach()[m_v], c.temperature)
         # Text tokens (global batch): B's text tokens at the masked positions vs sg(A's) at the same positions.
-        m_t = ctx.gather(ctx.cache["glscl_text_mask"].to(torch.uint8)).bool()
+        m_t = ctx.gather(p.text_mask.to(torch.uint8)).bool()
         pred, target = ctx.gather(b.text)[m_t], ctx.gather(a.text.detach())[m_t]
         if m_t.any():
             text = nce(pred, target, c.temperature)

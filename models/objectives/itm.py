@@ -4,7 +4,8 @@ For every image one negative text and for every text one negative image are draw
 over the other samples of the local batch (ALBEF-style); pairs whose captions are identical are never drawn as
 negatives. Rows whose weights are degenerate (non-finite, zero mass) fall back to uniform sampling, so a collapsed
 similarity matrix cannot crash `torch.multinomial` (ALBEF#93). Positives and both kinds of negatives go through the
-fusion encoder in one call of 3B pairs. Without ITC in the step, negatives are uniform.
+fusion encoder in one call of 3B pairs. The similarities are whatever contrastive objective publishes them (ITC or
+ITA, `ContrastiveScores`); without one in the step, negatives are uniform. The head is the backbone's `itm_head`.
 
 `pairs: b` instead makes one fusion call of exactly B pairs, the cost of the official SCL code's single ITM pass:
 a random B//2 of the samples (torch.randperm) become negatives, half of them (rounded down) with a negative text
@@ -12,14 +13,16 @@ and the rest with a negative image, drawn by the same `sample_negatives`; the ot
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from models.objectives.base import ObjectiveOutput, check_weight
+from models.backbone import ImageTokens
+from models.objectives.base import Objective, ObjectiveOutput, check_weight
+from models.passes import ContrastiveScores, ImageEncoding, TextEncoding
 
 
 @dataclass
@@ -51,11 +54,21 @@ def sample_negatives(sim: torch.Tensor | None, forbidden: torch.Tensor) -> torch
     return torch.multinomial(weights, 1).squeeze(1)
 
 
-class ITM(nn.Module):
-    def __init__(self, cfg: ItmConfig, dim: int):
-        super().__init__()
-        self.cfg = cfg
-        self.head = nn.Linear(2 * dim, 2)
+class ITM(Objective):
+    name, Config = "itm", ItmConfig
+    reads = (ImageEncoding, TextEncoding, ContrastiveScores)
+    heads = ("itm",)   # the backbone's ITM head (kept for fine-tuning: retrieval re-ranking starts from it)
+    pretrain_only = False   # its parameters are the backbone's; retrieval fine-tuning uses the same loss
+
+    @classmethod
+    def official_config(cls, cfg):
+        return dataclasses.replace(cfg, pairs="b")   # the official SCL code makes one fusion pass of B pairs
+
+    @classmethod
+    def check_run(cls, cfg, run) -> None:
+        if run.train.micro_batch_size < 2:
+            raise ValueError(f"train.micro_batch_size: objectives.itm draws its negatives within a micro batch, so "
+                             f"it needs at least 2 samples, got {run.train.micro_batch_size}")
 
     def forward(self, ctx) -> ObjectiveOutput:
         ids, mask = ctx.input_ids, ctx.attention_mask
@@ -64,10 +77,11 @@ class ITM(nn.Module):
             raise ValueError("ITM needs at least 2 samples per micro-batch to draw negatives")
         with torch.no_grad():
             same = (ids[:, None, :] == ids[None, :, :]).all(-1)  # identical captions (diagonal included)
-            hard = self.cfg.hard_negatives
-            neg_text = sample_negatives(ctx.cache.get("itc_sim_i2t") if hard else None, same)
-            neg_image = sample_negatives(ctx.cache.get("itc_sim_t2i") if hard else None, same)
-        text, image = ctx.text_proj, ctx.image_proj
+            scores = ctx.get(ContrastiveScores) if self.cfg.hard_negatives else None
+            neg_text = sample_negatives(None if scores is None else scores.i2t, same)
+            neg_image = sample_negatives(None if scores is None else scores.t2i, same)
+        text, image = ctx.text, ctx.image.tokens
+        fuse = lambda t, m, v: ctx.model.fuse(t, m, ImageTokens(v, ctx.num_frames), text_out="cls", image_out="cls")
         if self.cfg.pairs == "b":
             with torch.no_grad():
                 neg = torch.randperm(b, device=ids.device)[: b // 2]
@@ -78,16 +92,12 @@ class ITM(nn.Module):
                 image_idx[swap_image] = neg_image.to(ids.device)[swap_image]
                 labels = torch.ones(b, dtype=torch.long, device=ids.device)
                 labels[neg] = 0
-            out = ctx.fuse(text[text_idx], mask[text_idx], image[image_idx], text_out="cls", image_out="cls")
+            out = fuse(text[text_idx], mask[text_idx], image[image_idx])
         else:
-            out = ctx.fuse(
-                torch.cat([text, text[neg_text], text]),
-                torch.cat([mask, mask[neg_text], mask]),
-                torch.cat([image, image, image[neg_image]]),
-                text_out="cls", image_out="cls",  # the head reads only the pooled CLS features
-            )
+            out = fuse(torch.cat([text, text[neg_text], text]), torch.cat([mask, mask[neg_text], mask]),
+                       torch.cat([image, image, image[neg_image]]))
             labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
-        logits = self.head(out.cls_feats).float()
+        logits = ctx.model.itm_head(out.cls_feats).float()   # the head reads only the pooled CLS features
         labels = labels.to(logits.device)
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(-1) == labels).float().mean()

@@ -3,6 +3,7 @@ import sys, pathlib  # noqa: E401
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
+import functools
 import io
 import os
 import random
@@ -69,10 +70,18 @@ def test_large_jpeg_draft_decode_matches_full_decode():
     assert (out - ref).abs().mean() < 0.02, (out - ref).abs().mean()
 
 
+def _bert_masker(tok, probability):
+    """What train/pretrain.py hands the loader when data.mlm_probability is set."""
+    from models.masking import bert_mask
+    return functools.partial(bert_mask, special_ids=torch.tensor(sorted(set(tok.all_special_ids))),
+                             mask_token_id=tok.mask_token_id, vocab_size=len(tok), probability=probability)
+
+
 def test_mlm_masking_in_collator(demo, tok):
     cfg = DataConfig(train=[SourceConfig(demo["paths"]["train_images"])], image_size=32, num_workers=0,
                      shuffle_buffer=20, max_text_len=24, mlm_probability=0.3)
-    mk = lambda: build_train_loader(cfg, tok, micro_batch_size=8, rank=0, world_size=1, seed=0)  # noqa: E731
+    mk = lambda: build_train_loader(cfg, tok, micro_batch_size=8, rank=0, world_size=1, seed=0,  # noqa: E731
+                                    text_masker=_bert_masker(tok, 0.3))
     batches = _take(mk(), 30)
     special = torch.tensor(tok.all_special_ids)
     eligible = picked = to_mask = kept = 0
@@ -94,6 +103,8 @@ def test_mlm_masking_in_collator(demo, tok):
     assert all(torch.equal(a["mlm_input_ids"], b["mlm_input_ids"]) for a, b in zip(again, batches))
     assert "mlm_labels" not in _take(build_train_loader(DataConfig(**{**cfg.__dict__, "mlm_probability": None}),
                                                         tok, micro_batch_size=8, rank=0, world_size=1, seed=0), 1)[0]
+    with pytest.raises(ValueError, match="data.mlm_probability is set but build_train_loader got no text_masker"):
+        build_train_loader(cfg, tok, micro_batch_size=8, rank=0, world_size=1, seed=0)
 
 
 def test_randaugment_through_loader_resumes(demo, tok):

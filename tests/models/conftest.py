@@ -6,8 +6,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from models.backbone import ContrastiveHeadConfig  # noqa: E402
 from models.fusion import FusionConfig  # noqa: E402
-from models.objectives import ItcConfig, ItmConfig, MgscConfig, MlmConfig, MltcConfig  # noqa: E402
+from models.objectives.glscl import MgscConfig, MltcConfig  # noqa: E402
+from models.objectives.itc import ItcConfig  # noqa: E402
+from models.objectives.itm import ItmConfig  # noqa: E402
+from models.objectives.mlm import MlmConfig  # noqa: E402
 from models.text import TextConfig, load_tokenizer  # noqa: E402
 from models.vision import VisionConfig  # noqa: E402
 from models.vlp import ModelConfig, build_model  # noqa: E402
@@ -18,11 +22,11 @@ def tiny_config(pretrained_text: bool = False) -> ModelConfig:
             TextConfig(tokenizer="minilm", hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128))
     return ModelConfig(
         VisionConfig("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
-        text, FusionConfig(hidden_size=64, num_layers=2, num_heads=4))
+        text, FusionConfig(hidden_size=64, num_layers=2, num_heads=4), ContrastiveHeadConfig(embed_dim=32))
 
 
 def all_objectives():
-    return {"itc": ItcConfig(embed_dim=32), "itm": ItmConfig(), "mlm": MlmConfig()}
+    return {"itc": ItcConfig(), "itm": ItmConfig(), "mlm": MlmConfig()}
 
 
 def glscl_objectives():

@@ -1,13 +1,12 @@
 """GLSCL objectives (MGSC, MLTC) and the masking they need, checked against the formulas of methods.md §1.3."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import glscl_objectives
 from models.masking import mask_text_for_completion, random_keep_indices, random_token_mask
-from models.objectives import MgscConfig, MltcConfig
+from models.objectives.glscl import GlsclPasses, MgscConfig, MltcConfig
 from models.vision import VisionConfig, VisionEncoder, _video_block
-from models.vlp import StepContext
+from models.passes import StepContext
 
 TAU = 0.03
 
@@ -151,7 +150,9 @@ def test_mgsc_mltc_equal_formulas_and_only_predictions_get_gradient(model_factor
     b = batch(frames=frames)
     ctx = StepContext(model, b)
     losses = {**model.objectives["mgsc"](ctx).losses, **model.objectives["mltc"](ctx).losses}
-    cache = ctx.cache
+    passes = ctx.get(GlsclPasses)
+    cache = {"glscl_keep": passes.keep, "glscl_masked_ids": passes.masked_ids, "glscl_text_mask": passes.text_mask,
+             "mltc_token_mask": model.objectives["mltc"].last_token_mask}
     # masks: 80% of 16 patches dropped (3 kept), 30% token-masked (5), 40% of the real caption tokens masked
     assert cache["glscl_keep"].shape == (4, 3) and (cache["mltc_token_mask"].sum(1) == 5).all()
     cand = b["attention_mask"].bool() & ~torch.isin(b["input_ids"], torch.tensor(tokenizer.all_special_ids))

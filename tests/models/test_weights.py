@@ -202,12 +202,14 @@ def _clip_state_dict(ref):
     return sd
 
 
-def test_openai_clip_import_matches_the_reference_forward():
+@pytest.mark.parametrize("whole_model", [True, False])
+def test_openai_clip_import_matches_the_reference_forward(whole_model):
     ref = _randomize(RefCLIPVisual(size=32, patch=8, width=128, layers=2, heads=2, out_dim=16), 3)
-    timm_sd, dropped, heads = W.openai_clip_to_timm(_clip_state_dict(ref))
+    sd = _clip_state_dict(ref) if whole_model else dict(ref.state_dict())  # a full CLIP, or the visual module alone
+    timm_sd, dropped, heads = W.openai_clip_to_timm(sd)
     assert heads == 2  # width // 64
-    assert dropped == sorted(["visual.proj", "token_embedding.weight", "ln_final.weight", "text_projection",
-                              "logit_scale"])
+    assert dropped == (sorted(["visual.proj", "token_embedding.weight", "ln_final.weight", "text_projection",
+                               "logit_scale"]) if whole_model else ["proj"])
     shape = W.infer_vit_shape(timm_sd, "clip")
     tower_sd, _ = W.timm_vit_to_tower(timm_sd, shape["depth"], 0, max_frames=2)
     cfg = W.vision_config_dict("vit_base_patch16_clip_quickgelu_224", shape, heads, 32, 0, 2)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from train.distributed import discover, first_host, setup_env, slurm_master_port
-from train.pretrain import EXIT_STOPPED, StopOnSignal
+from train.launch import EXIT_STOPPED, StopOnSignal
 
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "PMI_SIZE")
 

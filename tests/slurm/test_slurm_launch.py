@@ -131,7 +131,8 @@ LOSSES = ("loss", "loss_itc", "loss_itm", "loss_mlm", "lr")
 
 def _overrides(demo) -> list[str]:
     return [f'data.train=[{{shards: "{demo["paths"]["train_images"]}", modality: image}}]', "data.eval=[]",
-            "data.num_workers=1", f"train.max_steps={MAX_STEPS}", "train.log_every=1", "train.save_every=0"]
+            "data.num_workers=1", f"train.max_steps={MAX_STEPS}", "train.log_every=1", "train.save_every=0",
+            "train.check_ranks_in_sync=true"]
 
 
 def _metrics(out: Path) -> list[dict]:

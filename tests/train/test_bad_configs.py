@@ -190,9 +190,13 @@ MORE_CASES = {
     "mltc_weight_negative": (["objectives.mltc={weight: -1}"],
                              "objectives.mltc.weight must be a finite number >= 0, got -1.0"),
     "mltc_text_weight": (["objectives.mltc={text_weight: -1}"], "objectives.mltc.text_weight must be a finite ..."),
-    "itc_embed_dim": (["objectives.itc.embed_dim=0"], "objectives.itc.embed_dim must be >= 1, got 0"),
-    "itc_temperature_inf": (["objectives.itc.max_temperature=.inf"],
-                            "objectives.itc.max_temperature: must be a finite number, got inf"),
+    "itc_embed_dim": (["model.itc.embed_dim=0"], "model.itc.embed_dim must be >= 1, got 0"),
+    "itc_temperature_inf": (["model.itc.max_temperature=.inf"],
+                            "model.itc.max_temperature: must be a finite number, got inf"),
+    "itc_old_place": (["objectives.itc.embed_dim=32"], "objectives.itc.embed_dim: unknown key (allowed: weight)"),
+    "heads_missing": (["model.heads=[itc]"], "model.heads: the enabled objectives need ['itm'] too"),
+    "ita_queue": (["objectives={ita: {queue_size: 12}}"],
+                  "objectives.ita.queue_size: 12 is not a multiple of train.global_batch_size 8 ..."),
     "lr_overflow": (["train.lr=1e999"], "train.lr: must be a finite number, got inf"),
     "lr_multiplier_inf": (["train.lr_multipliers={text.: .inf}"], "train.lr_multipliers.text.: must be a finite ..."),
     "lr_multiplier_negative": (["train.lr_multipliers={text.: -1}"], "train.lr_multipliers.text.: must be >= 0, ..."),
@@ -311,8 +315,8 @@ def test_ds_precision_follows_the_accelerator(monkeypatch):
 
 
 def test_every_objective_config_rejects_a_negative_weight():
-    from models.objectives import OBJECTIVE_CONFIGS
-    for name in OBJECTIVE_CONFIGS:
+    from models.objectives import OBJECTIVES
+    for name in OBJECTIVES:
         with pytest.raises(ConfigError, match=rf"objectives\.{name}\.weight"):
             load_config(TINY, [f"objectives.{name}={{weight: -1}}"])
 

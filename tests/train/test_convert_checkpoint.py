@@ -130,7 +130,7 @@ def test_to_finetune_drops_pretraining_heads_by_name_and_keeps_the_rest(zero3_ru
     full = _fresh(json.loads(src_meta["config"]))
     full.load_state_dict(src, strict=True)
     with torch.no_grad():
-        assert torch.equal(model.encode_image(images), full.encode_image(images))
+        assert torch.equal(model.embed_image(images), full.embed_image(images))
 
 
 def test_to_finetune_new_resolution_and_frames(zero3_run, consolidated, tmp_path):
@@ -153,20 +153,23 @@ def test_to_finetune_new_resolution_and_frames(zero3_run, consolidated, tmp_path
 
 
 def test_to_finetune_drops_the_glscl_mask_token(tmp_path):
-    """A GLSCL run (MGSC + MLTC on): MLTC's image mask token goes too, and those objectives leave the config."""
+    """A GLSCL run (MGSC + MLTC on): MLTC's image mask token goes too, and those objectives leave the config; --drop
+    removes the ITM head, and ITM (whose head it is) must be dropped with it."""
     from models.weights import load_weights, save_weights
     from train.config import config_to_dict, load_config
 
     config = config_to_dict(load_config(TINY, ["objectives.mgsc={weight: 1.0}", "objectives.mltc={weight: 1.0}"]))
     sd = _fresh(config).state_dict()
     save_weights(sd, str(tmp_path / "glscl.safetensors"), {"kind": "vlp", "config": config})
-    assert cc.main(["to-finetune", str(tmp_path / "glscl.safetensors"), str(tmp_path / "ft.safetensors"),
-                    "--drop", "objectives.itm"]) == 0
+    args = ["to-finetune", str(tmp_path / "glscl.safetensors"), str(tmp_path / "ft.safetensors"), "--drop", "itm_head"]
+    assert cc.main(args) == 2   # ITM stays enabled but would lose its head
+    assert cc.main(args + ["--drop", "objectives.itm"]) == 0
     out, meta = load_weights(str(tmp_path / "ft.safetensors"))
     dropped = json.loads(meta["dropped"])
-    assert "objectives.mltc.mask_token" in dropped and "objectives.itm.head.weight" in dropped
-    assert sorted(json.loads(meta["config"])["objectives"]) == ["itc"]
-    assert set(out) == {k for k in sd if not k.startswith(("objectives.mlm.", "objectives.mltc.", "objectives.itm."))}
+    assert "objectives.mltc.mask_token" in dropped and "itm_head.weight" in dropped
+    config = json.loads(meta["config"])
+    assert sorted(config["objectives"]) == ["itc"] and config["model"]["heads"] == ["itc"]
+    assert set(out) == {k for k in sd if not k.startswith(("objectives.mlm.", "objectives.mltc.", "itm_head."))}
 
 
 def test_export_towers_load_in_timm_and_transformers(zero3_run, consolidated, tmp_path):

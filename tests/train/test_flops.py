@@ -27,7 +27,7 @@ def test_official_costs_more_than_shared_passes(flops):
 def test_total_is_sum_of_parts(flops):
     for side in ("ours", "official"):
         assert sum(flops[side]["parts"].values()) == pytest.approx(flops[side]["total"], rel=1e-9)
-    assert set(flops["ours"]["parts"]) == {"shared", "itc", "itm", "mlm", "mgsc+mltc"}
+    assert set(flops["ours"]["parts"]) == {"pass:image", "pass:text", "itc", "itm", "mlm", "mgsc+mltc"}
     assert set(flops["official"]["parts"]) == {"itc", "itm", "mlm", "mgsc+mltc"}
 
 

@@ -1,5 +1,4 @@
 """Config validation, batch rule, CLI errors, LR schedule and parameter groups (no DeepSpeed engine needed)."""
-import json
 import os
 import subprocess
 import sys

@@ -144,7 +144,7 @@ def test_two_ranks_stay_identical(demo_shards, tmp_path):
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), "train/pretrain.py", "--deepspeed_config", ds,
            "--config", TINY, "--output_dir", str(tmp_path / "out"), "train.max_steps=4",
-           "train.global_batch_size=8", "data.num_frames=2", *GLSCL,
+           "train.global_batch_size=8", "data.num_frames=2", "train.check_ranks_in_sync=true", *GLSCL,
            f'data.train=[{{shards: "{demo_shards["paths"]["train_images"]}", modality: image, weight: 1}}, '
            f'{{shards: "{demo_shards["paths"]["train_videos"]}", modality: video, weight: 1}}]',
            f'data.eval=[{{shards: "{demo_shards["paths"]["val_images"]}", modality: image}}, '

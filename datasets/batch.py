@@ -1,0 +1,76 @@
+"""The batch contract: every key a loader hands to the trainer, spelled once, and the move to the device.
+
+A batch is a dict. The loaders build it with the constants below, the engine moves it with `to_device`, the model
+and the eval hook read it by these names. CONTRACT says, per key, its dtype, who produces it and what it means.
+Producers: "train" (datasets.loader's train loader, every batch), "eval" (its eval loader, every batch),
+"text_masker" (train batches, only when build_train_loader got a text_masker, i.e. data.mlm_probability is set),
+"engine" (added by the training engine to the train batch it is about to run).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .transforms import normalize_pixels
+
+PIXEL_VALUES = "pixel_values"
+NORMALIZE = "normalize"
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+MLM_INPUT_IDS = "mlm_input_ids"
+MLM_LABELS = "mlm_labels"
+MODALITY = "modality"
+SOURCE = "source"
+SAMPLE_KEYS = "__key__"
+CAPTION = "caption"
+
+STEP = "step"
+
+TRAIN, EVAL, TEXT_MASKER, ENGINE = "train", "eval", "text_masker", "engine"
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    dtype: str
+    producers: tuple[str, ...]
+    meaning: str
+
+
+CONTRACT: dict[str, Key] = {k.name: k for k in (
+    Key(PIXEL_VALUES, "uint8 (B, F, 3, H, W)", (TRAIN, EVAL),
+        "frames (F = 1 for images); normalised on the device by to_device"),
+    Key(NORMALIZE, "str", (TRAIN, EVAL), "which mean/std (datasets.transforms.MEAN_STD) normalises pixel_values"),
+    Key(INPUT_IDS, "int64 (B, L)", (TRAIN, EVAL), "caption token ids, padded to data.max_text_len"),
+    Key(ATTENTION_MASK, "int64 (B, L)", (TRAIN, EVAL), "1 = real token, 0 = padding"),
+    Key(MLM_INPUT_IDS, "int64 (B, L)", (TEXT_MASKER,), "input_ids after BERT masking in the data worker"),
+    Key(MLM_LABELS, "int64 (B, L)", (TEXT_MASKER,), "original id where masked, -100 elsewhere"),
+    Key(MODALITY, "str", (TRAIN, EVAL), '"image" | "video"; a batch is single-modality'),
+    Key(SOURCE, "int", (EVAL,), "index into data.eval; an eval batch is single-source"),
+    Key(SAMPLE_KEYS, "list[str] (B)", (TRAIN, EVAL), "sample keys (webdataset __key__)"),
+    Key(CAPTION, "list[str] (B)", (EVAL,), "cleaned caption strings (the retrieval ground truth)"),
+    Key(STEP, "int", (ENGINE,), "engine.step when the batch's optimizer step runs (0 for the first): schedules "
+        "inside objectives (ITA's alpha warmup)"),
+)}
+
+
+def keys_of(*producers: str) -> frozenset[str]:
+    """The keys a batch from these producers carries, e.g. keys_of("train", "text_masker")."""
+    return frozenset(k.name for k in CONTRACT.values() if set(k.producers) & set(producers))
+
+
+def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
+    """Tensors to `device` (non_blocking); uint8 pixel_values normalised there as batch["normalize"] says
+    (default "clip") into `dtype`; other floating tensors cast to `dtype`; integer tensors keep theirs; anything
+    that is not a tensor is passed through as is."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if k == PIXEL_VALUES and v.dtype == torch.uint8:
+                v = normalize_pixels(v, batch.get(NORMALIZE, "clip"), dtype)
+            elif v.is_floating_point() and v.dtype != dtype:
+                v = v.to(dtype)
+        out[k] = v
+    return out

@@ -1,0 +1,170 @@
+"""The backbone shared by pretraining and fine-tuning: towers, fusion, ITC projections + temperature, ITM head.
+
+    encode_image(pixels) -> ImageTokens   projected image tokens (the fusion's image input) + the frame count
+    encode_text(ids, mask) -> (B, L, D)   projected text tokens (the fusion's text input)
+    fuse(text, text_mask, image, ...)     the cross-modal encoder on those
+    embed_image / embed_text              L2-normalised retrieval embeddings (need the "itc" head)
+
+Pretraining objectives (models/objectives/) and fine-tuning heads (models/tasks/) sit beside it; neither is part of
+it. Heads are optional parts: `model.heads` names them, or (None) the enabled objectives' needs decide.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.fusion import FusionConfig, FusionEncoder, FusionOutput
+from models.heads import ProjectionHead
+from models.text import TextConfig, TextEncoder
+from models.vision import VisionConfig, VisionEncoder
+
+HEADS = ("itc", "itm")   # build order (fixed: it decides the random init)
+
+
+@dataclass
+class ContrastiveHeadConfig:
+    """ITC projections and the learnable temperature, stored as log(1/tau) and clamped to [min, max] (SCL divides
+    by a raw, unclamped parameter, which can run to zero or negative; we keep it in range instead)."""
+    embed_dim: int = 256
+    init_temperature: float = 0.07
+    min_temperature: float = 0.01
+    max_temperature: float = 0.5
+
+    def validate(self) -> None:
+        if self.embed_dim < 1:
+            raise ValueError(f"model.itc.embed_dim must be >= 1, got {self.embed_dim}")
+        if not 0 < self.min_temperature <= self.init_temperature <= self.max_temperature:
+            raise ValueError("model.itc: need 0 < min_temperature <= init_temperature <= max_temperature")
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    itc: ContrastiveHeadConfig = field(default_factory=ContrastiveHeadConfig)
+    heads: Optional[list[Literal["itc", "itm"]]] = None   # None: the heads the enabled objectives use
+
+    def validate(self) -> None:
+        if self.heads is not None and len(set(self.heads)) != len(self.heads):
+            raise ValueError(f"model.heads: duplicate entries in {self.heads}")
+
+
+class ImageTokens(NamedTuple):   # a NamedTuple so ZeRO-3's hooks see the tensor
+    tokens: torch.Tensor   # (B, F + F*P', D) projected: F frame CLS tokens, then the patch tokens
+    num_frames: int
+
+    @property
+    def global_(self) -> torch.Tensor:
+        """(B, D) mean of the frame CLS tokens: the image's global feature (ITC, retrieval)."""
+        return self.tokens[:, : self.num_frames].mean(1)
+
+
+class ContrastiveHead(nn.Module):
+    def __init__(self, cfg: ContrastiveHeadConfig, dim: int):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.image_proj = ProjectionHead(dim, cfg.embed_dim)
+        self.text_proj = ProjectionHead(dim, cfg.embed_dim)
+        # Shape (1,), not 0-dim: DeepSpeed 0.19 cannot broadcast 0-dim parameters at init.
+        self.log_inv_temperature = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.init_temperature)))
+
+    def forward(self, image_global: Optional[torch.Tensor] = None, text_global: Optional[torch.Tensor] = None):
+        """-> (normalised image embedding or None, normalised text embedding or None, temperature). Called as a
+        module (not through helper methods) so that ZeRO-3 gathers the temperature parameter."""
+        c = self.cfg
+        zi = None if image_global is None else F.normalize(self.image_proj(image_global).float(), dim=-1)
+        zt = None if text_global is None else F.normalize(self.text_proj(text_global).float(), dim=-1)
+        tau = 1.0 / self.log_inv_temperature.float().clamp(math.log(1 / c.max_temperature),
+                                                           math.log(1 / c.min_temperature)).exp().squeeze(0)
+        return zi, zt, tau
+
+
+def image_embedding(vision: nn.Module, image_in: nn.Module, itc: nn.Module, pixel_values: torch.Tensor):
+    """The retrieval image embedding through the given modules (the online ones, or their momentum copies)."""
+    out = vision(pixel_values)
+    return itc(image_global=image_in(out.tokens[:, : out.num_frames]).mean(1))[0]
+
+
+def text_embedding(text: nn.Module, text_in: nn.Module, itc: nn.Module, input_ids, attention_mask):
+    return itc(text_global=text_in(text(input_ids, attention_mask)[:, 0]))[1]
+
+
+class VLPBackbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, heads: Sequence[str] = HEADS):
+        super().__init__()
+        unknown = set(heads) - set(HEADS)
+        if unknown:
+            raise ValueError(f"model.heads: unknown {sorted(unknown)}; known: {list(HEADS)}")
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        if cfg.vision.pretrained:
+            load_vision_tower(self.vision, cfg.vision.pretrained)
+        self.text = TextEncoder(cfg.text)
+        self.fusion = FusionEncoder(cfg.fusion, self.text.hidden_size, self.vision.embed_dim)
+        d = cfg.fusion.hidden_size
+        self.heads = [h for h in HEADS if h in heads]
+        if "itc" in self.heads:
+            self.itc = ContrastiveHead(cfg.itc, d)
+        if "itm" in self.heads:
+            self.itm_head = nn.Linear(2 * d, 2)   # on the fusion's pooled [text CLS; image CLS]
+
+    def encode_image(self, pixel_values: torch.Tensor, **vision_kw) -> ImageTokens:
+        """vision_kw: `keep` (MAE-style patch dropping) or `token_mask` + `mask_token` (see VisionEncoder)."""
+        out = self.vision(pixel_values, **vision_kw)
+        return ImageTokens(self.fusion.project_image(out.tokens), out.num_frames)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.fusion.project_text(self.text(input_ids, attention_mask))
+
+    def fuse(self, text: torch.Tensor, text_mask: torch.Tensor, image: ImageTokens, **kw) -> FusionOutput:
+        return self.fusion(text, text_mask, image.tokens, image.num_frames, **kw)
+
+    def _need(self, head: str) -> None:
+        if head not in self.heads:
+            raise ValueError(f"this model has no {head!r} head (model.heads / the enabled objectives decide)")
+
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, E) L2-normalised retrieval embeddings (zero-shot evaluation)."""
+        self._need("itc")
+        return image_embedding(self.vision, self.fusion.image_in, self.itc, pixel_values)
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._need("itc")
+        return text_embedding(self.text, self.fusion.text_in, self.itc, input_ids, attention_mask)
+
+    def layer_stacks(self) -> dict[str, list[nn.Module]]:
+        return {"vision": list(self.vision.blocks), "text": list(self.text.layers),
+                "fusion": list(self.fusion.layers)}
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"vision.{n}" for n in self.vision.no_weight_decay()}
+        if "itc" in self.heads:
+            names.add("itc.log_inv_temperature")
+        return names
+
+
+def load_vision_tower(vision: VisionEncoder, path: str) -> None:
+    """Load a tower file from `convert_checkpoint.py import` (kind "vision") strictly into `vision`.
+
+    Loaded as `VisionEncoder.load_timm_state_dict` does (pos-embed resample, the configured last blocks dropped by
+    name). An imported image model never trained its temporal embedding, so the tower keeps its own random init for
+    it (SCL initialises it as scale x randn, not zeros)."""
+    from models.weights import WeightsError, load_weights
+
+    sd, meta = load_weights(path)
+    if meta.get("kind") != "vision":
+        raise WeightsError(f"model.vision.pretrained: {path} is not a vision-tower file (kind={meta.get('kind')!r}); "
+                           "write one with `python train/convert_checkpoint.py import ...`")
+    if "format_in" in meta:  # imported from an image model: nothing learnt in its (zero) temporal table
+        sd.pop("temporal_embed", None)
+    try:
+        vision.load_timm_state_dict(sd)
+    except ValueError as e:
+        raise WeightsError(f"model.vision.pretrained {path}: {e}") from None
