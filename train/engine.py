@@ -176,6 +176,17 @@ def apply_activation_checkpointing(model: torch.nn.Module, policy) -> dict[str, 
     return applied
 
 
+def held_weights(p: torch.Tensor, rank: int) -> torch.Tensor:
+    """The weights of parameter `p` this rank holds: all of it, or under ZeRO-3 the real elements of its partition.
+    The last ranks' partitions are padded up to an equal size, and DeepSpeed leaves that padding uninitialised
+    (torch.empty), so it may hold NaN bit patterns that are no weights at all."""
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        return p
+    size = part.numel()
+    return part.narrow(0, 0, max(0, min(size, p.ds_numel - rank * size)))
+
+
 def _check_no_scalar_params(model: torch.nn.Module) -> None:
     # DeepSpeed 0.19.8 broadcasts every parameter as `p.data.view(torch.uint8)` at init, which fails for 0-dim
     # tensors with an unhelpful message; name them instead (models keep such parameters at shape (1,)).
@@ -551,7 +562,7 @@ class Engine:
 
     def _check_weights_finite(self) -> None:
         """Every rank checks the parameters it holds (its partition under ZeRO-3); agreed by one all-reduce."""
-        held = [getattr(p, "ds_tensor", p) for p in self.module.parameters()]
+        held = [held_weights(p, self.dist.rank) for p in self.module.parameters()]
         flags = [torch.isfinite(t.detach()).all() for t in held if t.numel()]
         bad = ~torch.stack(flags).all() if flags else torch.zeros((), device=self.device)
         if max_over_ranks(bad) > 0:

@@ -310,3 +310,20 @@ def test_rank_fingerprint_only_on_request(tmp_path, monkeypatch, capsys):
     on = _engine(tmp_path / "on", resume=True, max_steps=1, check_ranks_in_sync=True).train()
     assert on["ranks_in_sync"] is True and gathers == [1]
     assert "ranks in sync: True (parameter fingerprint " in capsys.readouterr().out
+
+
+def test_finite_check_reads_only_real_elements_of_a_zero3_partition():
+    """ZeRO-3 pads the last partitions to an equal size with uninitialised memory: a NaN there is no weight. A
+    7-element parameter over 2 ranks: rank 0 holds elements 0-3, rank 1 elements 4-6 plus one padding slot."""
+    from train.engine import held_weights
+
+    p = torch.nn.Parameter(torch.empty(0))
+    p.ds_numel = 7
+    p.ds_tensor = torch.tensor([4.0, 5.0, 6.0, float("nan")])   # rank 1's partition
+    assert torch.equal(held_weights(p, 1), torch.tensor([4.0, 5.0, 6.0]))
+    p.ds_tensor = torch.tensor([0.0, 1.0, 2.0, 3.0])            # rank 0's: no padding
+    assert torch.equal(held_weights(p, 0), p.ds_tensor)
+    p.ds_numel, p.ds_tensor = 3, torch.tensor([float("nan")] * 2)   # a rank holding only padding
+    assert held_weights(p, 2).numel() == 0
+    plain = torch.nn.Parameter(torch.ones(3))
+    assert held_weights(plain, 1) is plain
