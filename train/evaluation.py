@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from datasets.batch import ATTENTION_MASK, CAPTION, INPUT_IDS, PIXEL_VALUES, SOURCE
+
 
 def recall_at_k(sim: torch.Tensor, correct: torch.Tensor, k: int) -> float:
     """sim (Q, N) scores, correct (Q, N) bool: share of queries with a correct item among the top k."""
@@ -45,14 +47,14 @@ def zero_shot_retrieval(engine, loader, source_names: list[str] | None = None) -
     model = engine.module
     pools: dict[int, tuple[list, list, list]] = {}
     for batch in loader:
-        imgs, txts, caption_ids = pools.setdefault(int(batch.get("source", 0)), ([], [], []))
+        imgs, txts, caption_ids = pools.setdefault(int(batch.get(SOURCE, 0)), ([], [], []))
         b = engine.to_device(batch)
-        imgs.append(model.embed_image(b["pixel_values"]).float().cpu())
-        txts.append(model.embed_text(b["input_ids"], b["attention_mask"]).float().cpu())
+        imgs.append(model.embed_image(b[PIXEL_VALUES]).float().cpu())
+        txts.append(model.embed_text(b[INPUT_IDS], b[ATTENTION_MASK]).float().cpu())
         if "caption" in batch:   # raw strings: truncation cannot merge two different captions
-            caption_ids.extend(batch["caption"])
+            caption_ids.extend(batch[CAPTION])
         else:
-            for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+            for ids, mask in zip(batch[INPUT_IDS].tolist(), batch[ATTENTION_MASK].tolist()):
                 caption_ids.append(tuple(i for i, m in zip(ids, mask) if m))
     results = {src: retrieval_metrics(torch.cat(i), torch.cat(t), c) for src, (i, t, c) in sorted(pools.items())}
     if len(results) <= 1:
