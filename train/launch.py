@@ -9,7 +9,8 @@ An entry point describes its program and builds its parts; the launcher does the
 main(): stop-signal handlers first (a signal during startup is remembered, not fatal), the launcher watch, then
 parse arguments (options and dotted.key=value overrides, intermixed) -> prepare (config, ds_config and every check
 that needs no model) -> init_distributed -> lock the run directory (rank 0) -> seed_all(train.seed) ->
-entry.build(cfg, dist) -> Engine(..., resume=False) -> built.setup(engine) -> engine.resume() -> config.yaml ->
+entry.build(cfg, dist) -> Engine(..., resume=False) -> momentum parts (train/momentum.py attach_momentum, when the model
+has momentum copies or queues) -> built.setup(engine) -> engine.resume() -> config.yaml ->
 train. Exit status: 0 finished; 2 bad config or input (one `error:` line); 3 diverged; 75 (EXIT_STOPPED) stopped by
 SIGUSR1/SIGTERM (or the launcher's death) after saving.
 """
