@@ -34,8 +34,14 @@ class Pass(nn.Module):
         super().__init__()
         self.settings = dict(settings)
 
+    @classmethod
+    def create(cls, env, **settings) -> "Pass":
+        """The instance for a model being built (`env`: models.objectives.base.BuildEnv); override to take what the
+        pass needs from the backbone or tokenizer."""
+        return cls(**settings)
+
     def compute(self, ctx: "StepContext") -> Any:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}: a computed pass implements compute(ctx)")
 
     def configure(self, **settings) -> None:
         """A later user's settings: take the ones not yet set, refuse ones that disagree."""

@@ -42,7 +42,7 @@ class BuildEnv:
         """The one instance of shared pass `kind` for this model (created on first use), with these settings."""
         inst = self.passes.get(kind.name)
         if inst is None:
-            inst = self.passes[kind.name] = kind(**settings)
+            inst = self.passes[kind.name] = kind.create(self, **settings)
         else:
             inst.configure(**settings)
         return inst

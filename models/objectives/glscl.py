@@ -97,6 +97,10 @@ class GlsclPasses(Pass):
         self.mask_token_id = mask_token_id
         self.register_buffer("special_ids", torch.tensor(special_ids, dtype=torch.long), persistent=False)
 
+    @classmethod
+    def create(cls, env, **settings) -> "GlsclPasses":
+        return cls(env.tokenizer.mask_token_id, env.special_ids, **settings)
+
     def setting(self, key: str):
         return self.settings.get(key, self.defaults.get(key))
 
@@ -117,21 +121,13 @@ class GlsclPasses(Pass):
         return GlsclPassesOut(a, b, keep, text_mask, masked_ids)
 
 
-def _use_passes(env: BuildEnv, **settings) -> GlsclPasses:
-    inst = env.passes.get(GlsclPasses.name)
-    if inst is None:
-        inst = env.passes[GlsclPasses.name] = GlsclPasses(env.tokenizer.mask_token_id, env.special_ids)
-    inst.configure(**settings)
-    return inst
-
-
 class MGSC(Objective):
     name, Config = "mgsc", MgscConfig
     reads = (ImageEncoding, TextEncoding, GlsclPasses)
 
     def __init__(self, cfg: MgscConfig, env: BuildEnv):
         super().__init__(cfg, env)
-        _use_passes(env, image_mask_ratio=cfg.image_mask_ratio, text_mask_ratio=cfg.text_mask_ratio,
+        env.use(GlsclPasses, image_mask_ratio=cfg.image_mask_ratio, text_mask_ratio=cfg.text_mask_ratio,
                     text_mask_sampling=cfg.text_mask_sampling)
 
     def forward(self, ctx) -> ObjectiveOutput:
@@ -153,7 +149,7 @@ class MLTC(Objective):
 
     def __init__(self, cfg: MltcConfig, env: BuildEnv):
         super().__init__(cfg, env)
-        _use_passes(env, tokens="all")
+        env.use(GlsclPasses, tokens="all")
         # SCL's code initialises visual_mask_token with randn (N(0, 1)); we use trunc-normal std 0.02 like the ViT's
         # own cls/pos embeddings (BEiT/SimMIM), so the masked embedding is on the patch embeddings' scale.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, env.backbone.vision.embed_dim))

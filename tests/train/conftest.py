@@ -24,3 +24,15 @@ def data_overrides(demo) -> list[str]:
 def read_metrics(out_dir) -> list[dict]:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def spawn_ranks(worker, world: int, *args) -> None:
+    """worker(rank, port, *args) in `world` processes; they rendezvous on a free 127.0.0.1 port (gloo)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, *args), nprocs=world, join=True)

@@ -7,14 +7,13 @@ The loss is written here rather than taken from models/objectives/itc.py so that
 an objective's constructor; it is ITC's computation (each rank scores its rows against all gathered columns,
 labels offset by the rank)."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import torch.nn.functional as F
 
+from conftest import spawn_ranks
 from train.distributed import TorchGather
 
 B, DIM, WORLD = 3, 16, 2
@@ -99,11 +98,8 @@ def worker(rank, port, out_dir):
 
 
 def test_two_rank_gather_matches_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    two = torch.load(tmp_path / "two_ranks.pt")
+    spawn_ranks(worker, WORLD, str(tmp_path))
+    two = torch.load(tmp_path / "two_ranks.pt", weights_only=True)
 
     model = Contrastive()
     images, texts = make_inputs()

@@ -2,11 +2,11 @@
 both ranks' batches, rank 0's rows first. The expected rows are computed here in one process: a freshly built model's
 momentum copies equal its online weights, so the momentum features are the online retrieval embeddings (eval mode)."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from conftest import spawn_ranks
 
 B, WORLD, QUEUE = 3, 2, 12
 
@@ -51,10 +51,7 @@ def worker(rank, port, out_dir):
 
 
 def test_two_ranks_enqueue_gathered_momentum_features_in_rank_order(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(worker, WORLD, str(tmp_path))
 
     model, tok = _model()
     initial = {"image": model.objectives["ita"].image_queue.features.clone(),
@@ -64,7 +61,7 @@ def test_two_ranks_enqueue_gathered_momentum_features_in_rank_order(tmp_path):
         want = {"image": torch.cat([model.embed_image(b["pixel_values"]) for b in batches]),
                 "text": torch.cat([model.embed_text(b["input_ids"], b["attention_mask"]) for b in batches])}
     for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert got["ptr"] == WORLD * B
         for k in ("image", "text"):
             torch.testing.assert_close(got[k][:WORLD * B], want[k], rtol=1e-5, atol=1e-6, msg=f"rank {rank} {k}")

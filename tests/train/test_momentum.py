@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import momentum_entry as me   # tests/train is on sys.path (pytest's prepend import mode)
+from train.checkpoint_io import safe_load  # noqa: E402
 from models.momentum import MomentumCopies
 from train.momentum import EmaUpdate, QueueState
 
@@ -197,7 +198,7 @@ def test_what_zero3_does_with_frozen_parameters(tmp_path):
     ema(engine, True)
     assert held() == persistent
     engine.save_checkpoint(str(tmp_path), tag="t")
-    saved = torch.load(tmp_path / "t" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
+    saved = safe_load(str(tmp_path / "t" / "zero_pp_rank_0_mp_rank_00_model_states.pt"))   # DeepSpeed's own file
     names = [n for n in ema.names]
     assert sorted(saved["frozen_param_fragments"]) == sorted(names)
     want = me.local_data(frozen)
