@@ -96,6 +96,16 @@ def text_embedding(text: nn.Module, text_in: nn.Module, itc: nn.Module, input_id
     return itc(text_global=text_in(text(input_ids, attention_mask)[:, 0]))[1]
 
 
+class LocalGather:
+    """Single-process stand-in for the all-gather the trainer injects (models never touch torch.distributed)."""
+
+    rank = 0
+    world_size = 1
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
 class VLPBackbone(nn.Module):
     def __init__(self, cfg: ModelConfig, heads: Sequence[str] = HEADS):
         super().__init__()
@@ -114,6 +124,11 @@ class VLPBackbone(nn.Module):
             self.itc = ContrastiveHead(cfg.itc, d)
         if "itm" in self.heads:
             self.itm_head = nn.Linear(2 * d, 2)   # on the fusion's pooled [text CLS; image CLS]
+        self.gather = LocalGather()
+
+    def set_gather(self, gather) -> None:
+        """The trainer's cross-rank all-gather with gradient (train/distributed.py TorchGather)."""
+        self.gather = gather
 
     def encode_image(self, pixel_values: torch.Tensor, **vision_kw) -> ImageTokens:
         """vision_kw: `keep` (MAE-style patch dropping) or `token_mask` + `mask_token` (see VisionEncoder)."""

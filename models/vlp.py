@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from models.backbone import HEADS, ModelConfig, VLPBackbone  # noqa: F401 (ModelConfig, VLPBackbone re-exported)
 from models.objectives import OBJECTIVES
-from models.objectives.base import BuildEnv, LocalGather
+from models.objectives.base import BuildEnv
 from models.passes import StepContext
 
 
@@ -70,7 +70,6 @@ class VLPModel(VLPBackbone):
         self.passes = nn.ModuleDict(env.passes)   # no parameters; buffers follow the device
         self.weights = {n: float(objective_cfgs[n].weight) for n in self.objectives}
         self.momentum = self._build_momentum()
-        self.gather = LocalGather()
 
     def _build_momentum(self) -> Optional[nn.Module]:
         names = [m for p in self.passes.values() for m in p.momentum_modules]
@@ -82,9 +81,6 @@ class VLPModel(VLPBackbone):
         if len(coefficients) != 1:
             raise ValueError(f"momentum encoders: the objectives ask for different coefficients {sorted(coefficients)}")
         return MomentumCopies(self, list(dict.fromkeys(names)), coefficients.pop())
-
-    def set_gather(self, gather) -> None:
-        self.gather = gather
 
     def pretrain_only_prefixes(self) -> tuple[str, ...]:
         return pretrain_only_prefixes(self.objectives)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 
 from train.config import ConfigError, TrainConfig
 
@@ -76,7 +77,7 @@ class WandbLogger(MetricLogger):
             with open(id_path) as f:
                 run_id = f.read().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)   # W&B run ids are free-form lowercase alphanumerics
             with open(id_path, "w") as f:
                 f.write(run_id + "\n")
         self.wandb = wandb

@@ -1,4 +1,4 @@
-"""What every objective shares: the Objective declaration, its output type, the build environment and the gather.
+"""What every objective shares: the Objective declaration, its output type and the build environment.
 
 An objective is one file holding its config dataclass and an `Objective` subclass that declares:
   name           the key under `objectives:` in a run config (and in models/objectives/__init__.py's registry)
@@ -72,16 +72,6 @@ class Objective(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return set()
-
-
-class LocalGather:
-    """Single-process stand-in for the all-gather the trainer injects (models never touch torch.distributed)."""
-
-    rank = 0
-    world_size = 1
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        return t
 
 
 def check_weight(name: str, value: float) -> None:

@@ -10,17 +10,12 @@ from __future__ import annotations
 import torch.nn as nn
 
 from models.backbone import HEADS, ModelConfig, VLPBackbone
-from models.objectives.base import LocalGather
 
 
 class TaskModel(VLPBackbone):
     def __init__(self, cfg: ModelConfig, head: nn.Module):
         super().__init__(cfg, HEADS if cfg.heads is None else cfg.heads)
         self.head = head
-        self.gather = LocalGather()
-
-    def set_gather(self, gather) -> None:
-        self.gather = gather
 
     def forward(self, batch: dict) -> dict:
         out = self.head(self, batch)
