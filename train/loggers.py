@@ -81,8 +81,13 @@ class WandbLogger(MetricLogger):
             with open(id_path, "w") as f:
                 f.write(run_id + "\n")
         self.wandb = wandb
-        self.run = wandb.init(project=w.project, name=w.name, mode=w.mode, dir=directory, id=run_id,
-                              resume="allow", config=run_config)
+        try:
+            self.run = wandb.init(project=w.project, name=w.name, mode=w.mode, dir=directory, id=run_id,
+                                  resume="allow", config=run_config)
+        except Exception as e:   # no network in online mode, a bad API key, ...: one line, not a traceback
+            msg = " ".join(str(e).split())[:300]
+            raise ConfigError(f"train.loggers: wandb could not start its run ({type(e).__name__}: {msg}); "
+                              f"try train.wandb.mode=offline, or remove wandb from train.loggers") from None
 
     def log(self, step: int, record: dict, prefix: str) -> None:
         self.run.log({f"{prefix}/{k}": v for k, v in _numbers(record).items()}, step=step)

@@ -288,6 +288,17 @@ def test_wandb_logger_with_a_stand_in_module(tmp_path, monkeypatch):
     assert calls[0][1]["id"] == kw["id"] and calls[0][1]["resume"] == "allow"
 
 
+def test_wandb_that_cannot_start_is_one_config_error(tmp_path, monkeypatch):
+    from train.config import ConfigError
+
+    def init(**kwargs):
+        raise RuntimeError("network unreachable\n  (details)")
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    with pytest.raises(ConfigError, match=r"^train\.loggers: wandb could not start its run \(RuntimeError: network "
+                                          r"unreachable \(details\)\); try train\.wandb\.mode=offline"):
+        _engine(tmp_path / "out", loggers=["jsonl", "wandb"], max_steps=1).train()
+
+
 @pytest.mark.parametrize("loggers, message", [
     ("[jsonl, nope]", "train.loggers: unknown logger 'nope'"),
     ("[tensorboard]", "train.loggers: must include jsonl"),
