@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: clips from C-only x264 + bitexact mp4, no run time in the manifest (issue 11)
 MTIME = 1_700_000_000  # fixed tar member mtime so the same seed gives byte-identical shards
 
 # Well separated RGB anchors; tests map a pixel to the nearest anchor.
@@ -174,16 +174,27 @@ def make_clip(desc: tuple, s: int, n_frames: int, rng: np.random.Generator) -> t
     return frames, meta
 
 
+# libx264 settings under which the bytes are a function of the frames alone (issue 11). `asm=0` runs x264's C code:
+# on AVX-512 CPUs its SIMD macroblock-tree (mbtree) path reads heap memory x264 never initialised when a frame is
+# 2-7 macroblocks wide (32-112 px), so about a third of the demo clips came out as different bytes depending on what
+# earlier allocations had left in the heap (a second generation in the same process, MALLOC_PERTURB_). The C code is
+# also the same on every CPU, where x264's SIMD levels disagree (SSE2 vs AVX; AVX-512 vs AVX2 with mbtree). One
+# thread: x264's bytes depend on its thread count. `+bitexact` keeps library version strings out of the file.
+X264_OPTIONS = {"crf": "18", "preset": "veryfast", "x264-params": "asm=0", "flags": "+bitexact"}
+MP4_OPTIONS = {"fflags": "+bitexact"}  # no "encoder: Lavf<version>" tag; creation_time stays 0 (never set)
+
+
 def encode_mp4(frames: list[np.ndarray], fps: int) -> bytes:
+    """H.264 mp4 of RGB frames: the same frames give the same bytes in any process and on any CPU (one PyAV build)."""
     import av  # only the generator needs PyAV
 
     buf = io.BytesIO()
     h, w = frames[0].shape[:2]
-    with av.open(buf, "w", format="mp4") as c:
+    with av.open(buf, "w", format="mp4", options=dict(MP4_OPTIONS)) as c:
         st = c.add_stream("libx264", rate=fps)
         st.width, st.height, st.pix_fmt = w, h, "yuv420p"
-        st.codec_context.thread_count = 1  # single-threaded x264 keeps the bytes reproducible
-        st.options = {"crf": "18", "preset": "veryfast"}
+        st.codec_context.thread_count = 1
+        st.options = dict(X264_OPTIONS)
         for fr in frames:
             for p in st.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
                 c.mux(p)
@@ -362,8 +373,8 @@ def generate(out_dir: str | os.PathLike, *, force: bool = False, verbose: bool =
         man["files"].update(res["files"])
         man["patterns"][split_kind.replace("/", "_")] = res["pattern"]
         man["counts"][split_kind.replace("/", "_")] = res["counts"]
-    man["seconds"] = round(time.time() - t0, 2)
     _write_atomic(out / MANIFEST, json.dumps(man, indent=1, sort_keys=True).encode())
+    man["seconds"] = round(time.time() - t0, 2)  # returned, not written: the manifest is byte-identical per seed
     man["reused"] = False
     return _with_paths(man, out)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from models.fusion import FusionConfig, FusionEncoder, FusionOutput
 from models.heads import ProjectionHead
+from models.init import init_bert_style
 from models.text import TextConfig, TextEncoder
 from models.vision import VisionConfig, VisionEncoder
 
@@ -28,16 +29,20 @@ HEADS = ("itc", "itm")   # build order (fixed: it decides the random init)
 
 @dataclass
 class ContrastiveHeadConfig:
-    """ITC projections and the learnable temperature, stored as log(1/tau) and clamped to [min, max] (SCL divides
-    by a raw, unclamped parameter, which can run to zero or negative; we keep it in range instead)."""
+    """ITC projections and the learnable temperature. parameterization "log": stored as log(1/tau) and clamped to
+    [min, max] (ours); "raw": tau itself, used directly as the divisor with no clamp (the released SCL code's
+    `cl_temp`, which can run to zero or negative; min/max are then unused)."""
     embed_dim: int = 256
     init_temperature: float = 0.07
     min_temperature: float = 0.01
     max_temperature: float = 0.5
+    parameterization: Literal["log", "raw"] = "log"
 
     def validate(self) -> None:
         if self.embed_dim < 1:
             raise ValueError(f"model.itc.embed_dim must be >= 1, got {self.embed_dim}")
+        if self.parameterization not in ("log", "raw"):
+            raise ValueError(f"model.itc.parameterization: expected 'log' or 'raw', got {self.parameterization!r}")
         if not 0 < self.min_temperature <= self.init_temperature <= self.max_temperature:
             raise ValueError("model.itc: need 0 < min_temperature <= init_temperature <= max_temperature")
 
@@ -73,7 +78,10 @@ class ContrastiveHead(nn.Module):
         self.image_proj = ProjectionHead(dim, cfg.embed_dim)
         self.text_proj = ProjectionHead(dim, cfg.embed_dim)
         # Shape (1,), not 0-dim: DeepSpeed 0.19 cannot broadcast 0-dim parameters at init.
-        self.log_inv_temperature = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.init_temperature)))
+        if cfg.parameterization == "raw":
+            self.temperature = nn.Parameter(torch.full((1,), float(cfg.init_temperature)))
+        else:
+            self.log_inv_temperature = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.init_temperature)))
 
     def forward(self, image_global: Optional[torch.Tensor] = None, text_global: Optional[torch.Tensor] = None):
         """-> (normalised image embedding or None, normalised text embedding or None, temperature). Called as a
@@ -81,9 +89,15 @@ class ContrastiveHead(nn.Module):
         c = self.cfg
         zi = None if image_global is None else F.normalize(self.image_proj(image_global).float(), dim=-1)
         zt = None if text_global is None else F.normalize(self.text_proj(text_global).float(), dim=-1)
-        tau = 1.0 / self.log_inv_temperature.float().clamp(math.log(1 / c.max_temperature),
-                                                           math.log(1 / c.min_temperature)).exp().squeeze(0)
+        if c.parameterization == "raw":
+            tau = self.temperature.float().squeeze(0)
+        else:
+            tau = 1.0 / self.log_inv_temperature.float().clamp(math.log(1 / c.max_temperature),
+                                                               math.log(1 / c.min_temperature)).exp().squeeze(0)
         return zi, zt, tau
+
+    def temperature_name(self) -> str:
+        return "temperature" if self.cfg.parameterization == "raw" else "log_inv_temperature"
 
 
 def image_embedding(vision: nn.Module, image_in: nn.Module, itc: nn.Module, pixel_values: torch.Tensor):
@@ -101,9 +115,31 @@ class LocalGather:
 
     rank = 0
     world_size = 1
+    loss_grad_scale = 1.0
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def gathered_grad(t: torch.Tensor, gather) -> torch.Tensor:
+    """`t` unchanged, its gradient scaled by the gather's `loss_grad_scale`: apply it to the features a loss reads
+    through the gather (or to a loss whose only parameters are those features). 1 (train.gathered_grad: exact) keeps
+    the full-batch gradient. The released SCL code's AllGather_multi backward keeps only the local slice without
+    summing over ranks, so after DDP's averaging the feature path of its gathered losses gets 1/world_size of that,
+    while a learnable temperature, outside the gather, gets its full gradient (train.gathered_grad: official)."""
+    scale = getattr(gather, "loss_grad_scale", 1.0)
+    return t if scale == 1.0 else _ScaleGrad.apply(t, scale)
 
 
 class VLPBackbone(nn.Module):
@@ -124,6 +160,7 @@ class VLPBackbone(nn.Module):
             self.itc = ContrastiveHead(cfg.itc, d)
         if "itm" in self.heads:
             self.itm_head = nn.Linear(2 * d, 2)   # on the fusion's pooled [text CLS; image CLS]
+            init_bert_style(self.itm_head)       # as SCL's itm_score (the ITC projections keep PyTorch's init there too)
         self.gather = LocalGather()
 
     def set_gather(self, gather) -> None:
@@ -161,7 +198,7 @@ class VLPBackbone(nn.Module):
     def no_weight_decay(self) -> set[str]:
         names = {f"vision.{n}" for n in self.vision.no_weight_decay()}
         if "itc" in self.heads:
-            names.add("itc.log_inv_temperature")
+            names.add(f"itc.{self.itc.temperature_name()}")
         return names
 
 

@@ -1,6 +1,8 @@
 """Small heads shared by objectives and (later) downstream tasks."""
 import torch.nn as nn
 
+from models.init import init_bert_style
+
 
 class ProjectionHead(nn.Sequential):
     """Linear -> LayerNorm -> GELU -> Linear, the ITC projection of SCL/METER."""
@@ -16,6 +18,7 @@ class MLMHead(nn.Module):
         super().__init__()
         self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=eps))
         self.decoder = nn.Linear(dim, vocab_size)
+        init_bert_style(self)   # as SCL's mlm_score (BERT init, N(0, 0.02))
 
     def forward(self, x):
         return self.decoder(self.transform(x))

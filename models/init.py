@@ -1,4 +1,5 @@
-"""Weight init for layers we create ourselves (fusion, heads): BERT-style N(0, 0.02)."""
+"""BERT-style init N(0, 0.02) for the layers SCL initialises so: the fusion encoder, the ITM and MLM heads (the ITC
+projections keep PyTorch's default init, as in the released code)."""
 import torch.nn as nn
 
 

@@ -69,8 +69,9 @@ def random_keep_indices(batch: int, num_patches: int, keep_ratio: float, device=
 
 def random_token_mask(batch: int, num_patches: int, ratio: float, device=None,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(B, P) bool: exactly n = round(ratio * P) (at least 1) True per sample, positions uniformly at random."""
-    n = max(1, min(num_patches, round(ratio * num_patches)))
+    """(B, P) bool: exactly n = int(ratio * P) (at least 1) True per sample, positions uniformly at random (int()
+    as the released code's mvm_masking: int(324 * 0.3) = 97; the epsilon guards float error)."""
+    n = max(1, min(num_patches, int(ratio * num_patches + 1e-6)))
     noise = torch.rand(batch, num_patches, device=device, generator=generator)
     return _ranks(noise) < n
 
@@ -116,3 +117,53 @@ def _draw_with_replacement(candidates: torch.Tensor, count: torch.Tensor, ratio:
     hit.scatter_(1, torch.where(valid, draws, length), True)  # invalid draws land in the spare column
     rank = (candidates.long().cumsum(1) - 1).clamp(min=0)  # index of each candidate among its sample's candidates
     return candidates & hit.gather(1, rank)
+
+
+def official_mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, continuation: torch.Tensor,
+                      skipped: torch.Tensor, special_ids: torch.Tensor, mask_token_id: int, vocab_size: int,
+                      probability: float, generator: Optional[torch.Generator] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released SCL/METER/ViLT MLM rule -> (masked ids, labels): transformers 4.6's
+    DataCollatorForWholeWordMask applied to captions padded to max_text_len.
+
+    Per row: words are groups of a token and the following `continuation` tokens ("##" WordPiece pieces; a RoBERTa
+    BPE vocabulary has none, so every token is its own word); `skipped` tokens ("[CLS]"/"[SEP]" strings) are not
+    candidates, but padding and RoBERTa's <s>/</s> are. Words are taken in random order, skipping any that would
+    overshoot, until n = max(1, round(L * probability)) positions are chosen, L being the padded length (Python's
+    round, half to even: L = 50 at 15% gives 8). Positions holding special tokens (padding included) are then
+    dropped, so about 16% of the real tokens of a 50-token row are selected. Of those, 80% become the mask token and
+    half of the rest a random id of the whole vocabulary, special tokens included.
+    continuation / skipped: (vocab,) bool tables indexed by token id. Runs on the CPU (a host sync on a device).
+    """
+    del attention_mask   # the collator finds padding by its id, as the released code does
+    device = input_ids.device
+    ids = input_ids.cpu()
+    b, length = ids.shape
+    n = min(512, max(1, round(length * probability)))
+    selected = torch.zeros(b, length, dtype=torch.bool)
+    cont, skip = continuation.cpu().tolist(), skipped.cpu().tolist()
+    for r, row in enumerate(ids.tolist()):
+        words: list[list[int]] = []
+        for i, t in enumerate(row):
+            if skip[t]:
+                continue
+            if words and cont[t]:
+                words[-1].append(i)
+            else:
+                words.append([i])
+        taken = 0
+        for w in torch.randperm(len(words), generator=generator).tolist():
+            if taken >= n:
+                break
+            if taken + len(words[w]) > n:
+                continue
+            selected[r, words[w]] = True
+            taken += len(words[w])
+    selected &= ~torch.isin(ids, special_ids.cpu())
+    labels = torch.where(selected, ids, torch.full_like(ids, -100))
+    replaced = (torch.rand(ids.shape, generator=generator) < 0.8) & selected
+    random = (torch.rand(ids.shape, generator=generator) < 0.5) & selected & ~replaced
+    words_drawn = torch.randint(vocab_size, ids.shape, generator=generator)
+    masked = torch.where(replaced, torch.full_like(ids, mask_token_id), ids)
+    masked = torch.where(random, words_drawn, masked)
+    return masked.to(device), labels.to(device)

@@ -32,6 +32,9 @@ class TextConfig:
     vocab_size: int = 30522
     max_position_embeddings: int = 512
     dropout: float = 0.1
+    # null = the arch's own: roberta-base's 1 type row and eps 1e-5, BERT's 2 and 1e-12 (random init only)
+    type_vocab_size: Optional[int] = None
+    layer_norm_eps: Optional[float] = None
 
     def validate(self) -> None:
         if self.tokenizer is None and self.pretrained is None:
@@ -46,6 +49,10 @@ class TextConfig:
                              f"num_heads={self.num_heads}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.text.dropout must be in [0, 1), got {self.dropout}")
+        if self.type_vocab_size is not None and self.type_vocab_size < 1:
+            raise ValueError(f"model.text.type_vocab_size must be null or >= 1, got {self.type_vocab_size}")
+        if self.layer_norm_eps is not None and not self.layer_norm_eps > 0:
+            raise ValueError(f"model.text.layer_norm_eps must be null or > 0, got {self.layer_norm_eps}")
 
 
 def resolve_path(name: str) -> str:
@@ -91,7 +98,12 @@ def _random_init_config(cfg: TextConfig):
     common = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                   intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
                   hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
-    if cfg.arch == "roberta":
+    roberta = cfg.arch == "roberta"
+    # One token type and LayerNorm eps 1e-5 are roberta-base's own (RobertaConfig's defaults, 2 and 1e-12, are
+    # BERT's), so a roberta tower built from sizes has roberta-base's layout and numerics (SCL/METER hold 1 row).
+    common["type_vocab_size"] = cfg.type_vocab_size or (1 if roberta else 2)
+    common["layer_norm_eps"] = cfg.layer_norm_eps or (1e-5 if roberta else 1e-12)
+    if roberta:
         # RoBERTa offsets positions by padding_idx + 1, so the table needs two more rows.
         return RobertaConfig(max_position_embeddings=cfg.max_position_embeddings + 2, pad_token_id=1, **common)
     return BertConfig(max_position_embeddings=cfg.max_position_embeddings, **common)

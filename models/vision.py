@@ -1,8 +1,8 @@
 """Flexible vision encoder: a timm ViT that takes images and videos alike.
 
 Input is (B, F, 3, H, W); an image is a 1-frame video. Every frame is patchified with the ViT's own patch embedding and
-gets its own CLS token and the spatial position embedding; for F > 1 a learnable temporal embedding is added to every
-token of frame f (CLS included). Inside each block, frame-CLS tokens attend to all tokens of all frames while patch
+gets its own CLS token and the spatial position embedding; for F > 1 (and for images with temporal_embed_images) a
+learnable temporal embedding is added to every token of frame f (CLS included). Inside each block, frame-CLS tokens attend to all tokens of all frames while patch
 tokens attend only within their own frame (its CLS and patches), using the ViT's pretrained attention weights, so
 video needs no new attention parameters (SCL/GLSCL "flexible vision encoder", methods.md §1.2).
 
@@ -42,6 +42,11 @@ class VisionConfig:
     mlp_ratio: Optional[float] = None
     drop_last_blocks: int = 0  # METER/SCL drop the last CLIP block
     max_frames: int = 8  # size of the temporal embedding table
+    # add temporal row 0 to images too (the released video model does, so an image and frame 0 of a video are
+    # embedded alike in mixed runs); False (ours): images skip it and a pretrained image ViT computes what it learnt
+    temporal_embed_images: bool = False
+    # the temporal table's init std; null = width ** -0.5, the released code's `scale * randn`
+    temporal_init_std: Optional[float] = 0.02
     drop_path_rate: float = 0.0
     # a vision-tower file written by `train/convert_checkpoint.py import` (timm ViT / OpenAI CLIP weights mapped to
     # this tower); loaded strictly at build, position embeddings resampled to img_size. None = random init.
@@ -55,6 +60,9 @@ class VisionConfig:
             raise ValueError(f"model.vision.drop_last_blocks must be >= 0, got {self.drop_last_blocks}")
         if self.max_frames < 1:
             raise ValueError(f"model.vision.max_frames must be >= 1, got {self.max_frames}")
+        if self.temporal_init_std is not None and not self.temporal_init_std > 0:
+            raise ValueError(f"model.vision.temporal_init_std must be null (width ** -0.5) or > 0, "
+                             f"got {self.temporal_init_std}")
         if self.img_size < 1:
             raise ValueError(f"model.vision.img_size must be >= 1, got {self.img_size}")
         for name in ("patch_size", "embed_dim", "depth", "num_heads"):
@@ -150,7 +158,8 @@ class VisionEncoder(nn.Module):
         self.embed_dim = vit.embed_dim
         self.grid_size = tuple(self.patch_embed.grid_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.temporal_embed = nn.Parameter(torch.randn(1, cfg.max_frames, self.embed_dim) * 0.02)
+        std = self.embed_dim ** -0.5 if cfg.temporal_init_std is None else cfg.temporal_init_std
+        self.temporal_embed = nn.Parameter(torch.randn(1, cfg.max_frames, self.embed_dim) * std)
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed", "temporal_embed"}
@@ -180,8 +189,8 @@ class VisionEncoder(nn.Module):
         x = x + self.pos_embed[:, 1:]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1).unflatten(0, (b, f))
-        if f > 1:
-            # Images skip the temporal embedding so a pretrained image ViT computes exactly what it was trained to.
+        if f > 1 or self.cfg.temporal_embed_images:
+            # By default images skip it, so a pretrained image ViT computes exactly what it was trained to.
             x = x + self.temporal_embed[:, :f].unsqueeze(2)
         return x
 

@@ -403,7 +403,8 @@ def text_config_dict(config: dict, pretrained: Optional[str] = None) -> dict:
             "num_heads": config["num_attention_heads"], "intermediate_size": config["intermediate_size"],
             "vocab_size": config["vocab_size"],
             "max_position_embeddings": config["max_position_embeddings"] - extra,
-            "dropout": config.get("hidden_dropout_prob", 0.1)}
+            "dropout": config.get("hidden_dropout_prob", 0.1),
+            "type_vocab_size": config.get("type_vocab_size"), "layer_norm_eps": config.get("layer_norm_eps")}
 
 
 def export_text_hf(tower_sd: dict[str, torch.Tensor], config: dict, out_dir: str, tokenizer_dir: Optional[str] = None

@@ -139,6 +139,10 @@ def check_run_inputs(cfg, path: str) -> None:
     if text.pretrained not in (None, "minilm") and not os.path.isdir(text.pretrained):
         raise ConfigError(f"{path}: model.text.pretrained: no such directory {text.pretrained!r} (a local "
                           "transformers BERT/RoBERTa directory, or minilm)")
+    init = cfg.train.init_from
+    if init is not None and not os.path.isfile(init):
+        raise ConfigError(f"{path}: train.init_from: no such file {init!r} (write one with `python "
+                          "train/convert_checkpoint.py zero-to-fp32|import ...`)")
     check_output_dir(cfg.train.output_dir, path)
     check_text(cfg, path)
 

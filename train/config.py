@@ -56,6 +56,12 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
     lr_multipliers: dict[str, float] = field(default_factory=dict)   # parameter-name prefix -> lr factor
+    # which parameters skip weight decay: "ours" (biases, norms, position/class/temporal embeddings, temperatures,
+    # mask tokens) or "official" (the released SCL code: biases and the text/fusion/MLM-head LayerNorms only)
+    weight_decay_exclusions: Literal["ours", "official"] = "ours"
+    # gradient of losses over features gathered from every rank (ITC, MGSC, MLTC's text term): "exact" (full batch)
+    # or "official" (1/world_size of it, the released SCL code's AllGather_multi)
+    gathered_grad: Literal["exact", "official"] = "exact"
     seed: int = 42
     log_every: int = 10
     eval_every: int = 0                   # 0: evaluate only at the end
@@ -66,6 +72,9 @@ class TrainConfig:
     max_skipped_steps: int = 10
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
     output_dir: Optional[str] = None      # default: runs/<config file name>
+    # a whole-model file (`convert_checkpoint.py zero-to-fp32` or `import --format scl`): a fresh run starts from its
+    # weights (strict; optimizer, schedule and step start fresh); a resumed run takes its checkpoint instead
+    init_from: Optional[str] = None
     # metric destinations (train/loggers.py): jsonl (required: resume truncates it), tensorboard, wandb
     loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -3,7 +3,9 @@
   python train/convert_checkpoint.py zero-to-fp32 CKPT OUT.safetensors
   python train/convert_checkpoint.py to-finetune IN OUT.safetensors [--image-size S] [--num-frames F]
   python train/convert_checkpoint.py import --format {hf-bert,hf-roberta,timm-vit,openai-clip} SRC OUT.safetensors
+  python train/convert_checkpoint.py import --format scl|meter CKPT OUT.safetensors [--config Y] [--tokenizer D]
   python train/convert_checkpoint.py export --tower {vision,text} IN OUT_DIR
+  python train/convert_checkpoint.py export --format scl IN OUT.ckpt
   python train/convert_checkpoint.py info FILE.safetensors
 
 CKPT / IN may be a DeepSpeed checkpoint: a run dir, its checkpoints/ dir (uses `latest`) or one checkpoints/step_N
@@ -11,6 +13,7 @@ dir, of any ZeRO stage (0-3); it is consolidated to fp32 through DeepSpeed's Pyt
 is safetensors with metadata: `kind` (vlp = a whole VLPModel, vision / text = one tower), the run config (`config`,
 JSON) or the tower config, and the names it dropped. Loads are strict: missing/unexpected keys are named.
 Exit code 2 = bad input (file, key, argument), with a one-line message.
+The released SCL/GLSCL and METER checkpoints (official key names, Lightning files) are mapped by train/scl_format.py.
 """
 from __future__ import annotations
 
@@ -177,7 +180,7 @@ def load_input(path: str) -> tuple[dict, dict]:
         raise UserError(f"{path}: no `kind` metadata; not written by this tool (import public weights with "
                         "`import`, DeepSpeed checkpoints with `zero-to-fp32`)")
     out = dict(meta)
-    for k in ("config", "dropped", "vision_config", "text_config", "hf_config", "text_hf_config"):
+    for k in ("config", "dropped", "new", "vision_config", "text_config", "hf_config", "text_hf_config"):
         if k in out:
             out[k] = json.loads(out[k])
     return sd, out
@@ -276,7 +279,52 @@ def cmd_to_finetune(args) -> None:
     print(f"wrote {args.output}: {len(sd)} tensors; objectives kept: {', '.join(config['objectives'])}")
 
 
+def cmd_import_scl(args) -> None:
+    """An official SCL/GLSCL/METER Lightning checkpoint -> a whole-model (kind vlp) file."""
+    from models.weights import save_weights
+    from train import scl_format
+
+    _check_out_file(args.out)
+    imported, config, meta = scl_format.import_checkpoint(args.src, args.config, args.tokenizer,
+                                                          expect="meter" if args.format == "meter" else None)
+    meta["text_hf_config"] = text_hf_config(config["model"]["text"])
+    save_weights(imported.state_dict, args.out, meta)
+    run_yaml = write_run_config(config, args.out)
+    for note in imported.notes:
+        print(note)
+    by_reason: dict[str, list[str]] = {}
+    for k in imported.dropped:
+        by_reason.setdefault(scl_format.dropped_why(k), []).append(k)
+    for why, names in by_reason.items():
+        _print_dropped(names, why)
+    n = sum(v.numel() for v in imported.state_dict.values())
+    print(f"wrote {args.out}: {meta['format_in'].upper()} checkpoint (step {meta['step']}) -> "
+          f"{len(imported.state_dict)} tensors, {n / 1e6:.2f}M values, fp32; objectives: "
+          f"{', '.join(config['objectives'])}")
+    print(f"wrote {run_yaml}: its run config with train.init_from = {args.out}; point data.* at your shards and "
+          f"pretrain further: deepspeed train/pretrain.py --deepspeed_config ds_configs/zero1_bf16.json --config "
+          f"{run_yaml}")
+
+
+def write_run_config(config: dict, weights: str) -> str:
+    """OUT.yaml beside OUT.safetensors: the run config of an imported model, starting from those weights."""
+    import yaml
+
+    tree = copy.deepcopy(config)
+    tree.setdefault("train", {})["init_from"] = weights
+    tree["train"].pop("output_dir", None)   # runs/<config name>, not the preset's
+    path = weights[: -len(".safetensors")] + ".yaml"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"# written by `convert_checkpoint.py import` for {os.path.basename(weights)}\n")
+        yaml.safe_dump(tree, f, sort_keys=False, width=120)
+    os.replace(tmp, path)
+    return path
+
+
 def cmd_import(args) -> None:
+    if args.format in ("scl", "meter"):
+        return cmd_import_scl(args)
     from models.weights import (WeightsError, build_vision_tower, check_keys, hf_text_model, hf_text_to_tower,
                                 infer_vit_shape, load_strict, load_weights, openai_clip_to_timm, read_hf_dir,
                                 save_weights, text_config_dict, timm_vit_to_tower, tower_to_hf_text,
@@ -345,7 +393,31 @@ def cmd_import(args) -> None:
     print(f"wrote {args.out}: {meta['kind']} tower, {len(tower)} tensors; tower config: {json.dumps(cfg)}")
 
 
+def cmd_export_scl(args) -> None:
+    """A whole-model file (or DeepSpeed dir) -> the official SCL layout, Lightning 1.x-shaped."""
+    from train import scl_format
+
+    if not args.out_dir.endswith((".ckpt", ".pt", ".pth")):
+        raise UserError(f"{args.out_dir}: the output is a Lightning checkpoint; name it *.ckpt")
+    sd, meta = load_input(args.input)
+    if meta.get("kind") != "vlp":
+        raise UserError(f"{args.input}: kind is {meta.get('kind')!r}; export --format scl needs a whole model (vlp)")
+    try:
+        skipped = scl_format.export_checkpoint(sd, meta, args.out_dir)
+    except scl_format.SclFormatError as e:
+        raise UserError(f"{args.input}: {e}") from None
+    if skipped:
+        print(f"not written ({len(skipped)}: no place in the official layout, or an all-zero temporal_embed): "
+              + ", ".join(skipped[:12]) + (f", ... ({len(skipped) - 12} more)" if len(skipped) > 12 else ""))
+    print("not written either (the official model keeps its own init for them; nothing in SCL reads them): the MAE "
+          "decoder, text_transformer.pooler.*, text_transformer.embeddings.position_ids")
+    print(f"wrote {args.out_dir}: official SCL layout; the official code loads it with load_path={args.out_dir} "
+          "(strict=False), or torch.load(weights_only=True)")
+
+
 def cmd_export(args) -> None:
+    if args.format == "scl":
+        return cmd_export_scl(args)
     from models.weights import export_text_hf, export_vision_timm, split_prefix
 
     sd, meta = load_input(args.input)
@@ -404,6 +476,8 @@ def cmd_info(args) -> None:
             print(f"  {k}: {meta[k]}")
     if meta.get("dropped"):
         print(f"  dropped: {len(meta['dropped'])} tensors")
+    if meta.get("new"):
+        print(f"  new (not in the source): {', '.join(meta['new'])}")
     if "config" in meta:
         import yaml
 
@@ -439,9 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-verify", action="store_true", help="skip the strict key check against a freshly built model")
     f.set_defaults(fn=cmd_to_finetune)
 
-    i = sub.add_parser("import", help="public weights -> one of our towers")
-    i.add_argument("--format", required=True, choices=["hf-bert", "hf-roberta", "timm-vit", "openai-clip"])
-    i.add_argument("src", help="transformers model dir (hf-*), or a state dict file .pth/.bin/.safetensors")
+    i = sub.add_parser("import", help="public weights -> one of our towers, or an SCL/GLSCL/METER checkpoint -> "
+                                      "a whole model")
+    i.add_argument("--format", required=True,
+                   choices=["hf-bert", "hf-roberta", "timm-vit", "openai-clip", "scl", "meter"],
+                   help="scl: the released SCL/GLSCL (or METER, recognised by its keys) Lightning checkpoints; "
+                        "meter: the same, insisting on METER's layout")
+    i.add_argument("src", help="transformers model dir (hf-*), a state dict file .pth/.bin/.safetensors, or an "
+                               "official .ckpt (scl, meter)")
     i.add_argument("out", help="output .safetensors")
     i.add_argument("--drop-last-blocks", type=int, default=0, help="drop the last K transformer blocks/layers")
     i.add_argument("--timm-name", help="timm architecture of the weights (timm-vit: required; openai-clip: default "
@@ -449,12 +528,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--num-heads", type=int, help="attention heads (default: the timm model's; openai-clip: width/64)")
     i.add_argument("--image-size", type=int, help="resample the position embedding to this resolution (pixels)")
     i.add_argument("--max-frames", type=int, default=8, help="rows of the new temporal embedding (zeros)")
+    i.add_argument("--config", help="scl/meter: the run config to start from (default: glscl_4m.yaml, or scl_4m.yaml "
+                                    "for a file without MLTC's mask token); sizes and objectives follow the file")
+    i.add_argument("--tokenizer", help="scl/meter: a local roberta-base tokenizer directory (default: the config's "
+                                       "model.text.tokenizer/pretrained; nothing is downloaded)")
     i.set_defaults(fn=cmd_import)
 
-    e = sub.add_parser("export", help="one of our towers -> timm / transformers")
-    e.add_argument("--tower", required=True, choices=["vision", "text"])
+    e = sub.add_parser("export", help="one of our towers -> timm / transformers, or a whole model -> the official "
+                                      "SCL checkpoint layout")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--tower", choices=["vision", "text"])
+    what.add_argument("--format", choices=["scl"], help="scl: the released SCL/GLSCL layout, Lightning 1.x-shaped")
     e.add_argument("input", help="a file this tool wrote (vlp or tower), or a DeepSpeed checkpoint dir")
-    e.add_argument("out_dir", help="new output directory")
+    e.add_argument("out_dir", metavar="out", help="new output directory (--tower), or OUT.ckpt (--format scl)")
     e.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("info", help="what a file written by this tool holds")

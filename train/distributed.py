@@ -190,11 +190,17 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 
 class TorchGather:
-    """`gather(t)` = cat of `t` over ranks on dim 0, with gradient. Needs the same batch size on every rank."""
+    """`gather(t)` = cat of `t` over ranks on dim 0, with gradient. Needs the same batch size on every rank.
 
-    def __init__(self):
+    grad: "exact" (the gradient of the full-batch loss) or "official": losses over gathered features then get
+    1/world_size of it (`loss_grad_scale`, applied by models.backbone.gathered_loss), as in the released SCL code."""
+
+    def __init__(self, grad: str = "exact"):
+        if grad not in ("exact", "official"):
+            raise ValueError(f"train.gathered_grad: expected 'exact' or 'official', got {grad!r}")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.loss_grad_scale = 1.0 / self.world_size if grad == "official" else 1.0
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:

@@ -268,7 +268,7 @@ class Engine:
         self._stop_requested = False
         self.ac_applied = apply_activation_checkpointing(model, train_cfg.activation_checkpointing)
         if hasattr(model, "set_gather"):
-            model.set_gather(TorchGather())
+            model.set_gather(TorchGather(train_cfg.gathered_grad))
         self.num_params = sum(p.numel() for p in model.parameters())
         self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         _check_no_scalar_params(model)

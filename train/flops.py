@@ -67,6 +67,12 @@ class _SyntheticTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def convert_ids_to_tokens(self, ids):
+        """Token strings as the MLM objective's released masking rule reads them: BERT's [CLS]/[SEP] by name, no
+        "##" pieces (whole-word grouping has nothing to group in a synthetic vocabulary)."""
+        names = {self.cls_token_id: "[CLS]", self.sep_token_id: "[SEP]"} if self.cls_token_id == 101 else {}
+        return [names.get(i, f"t{i}") for i in ids]
+
 
 def _is_local(name) -> bool:
     return name is not None and (name == "minilm" or Path(name).is_dir())

@@ -13,9 +13,25 @@ import torch
 from train.config import ConfigError, TrainConfig
 
 
+def official_no_decay(model: torch.nn.Module) -> set[str]:
+    """The released SCL code's exclusions (train.weight_decay_exclusions: official), by what its names match: every
+    bias, and the LayerNorms its modules name `LayerNorm` (RoBERTa, the fusion layers, the MLM head). CLIP's ln_*
+    LayerNorms, the ITC projections' LayerNorms, position/class/temporal/token-type embeddings, the temperature and
+    the mask token are decayed."""
+    names = {n for n, _ in model.named_parameters() if n.endswith("bias")}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.LayerNorm) and not mod_name.startswith(("vision.", "itc.")):
+            names.update(f"{mod_name}.{n}" for n, _ in mod.named_parameters(recurse=False))
+    return names
+
+
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """Group trainable params by (weight decay on/off, lr multiplier); the longest matching name prefix wins."""
-    no_wd = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    official = cfg.weight_decay_exclusions == "official"
+    if official:
+        no_wd = official_no_decay(model)
+    else:
+        no_wd = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     prefixes = sorted(cfg.lr_multipliers, key=len, reverse=True)
     used = set()
     groups: dict[tuple, dict] = {}
@@ -28,7 +44,7 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
                 mult = cfg.lr_multipliers[pre]
                 used.add(pre)
                 break
-        decay = p.ndim >= 2 and name not in no_wd
+        decay = name not in no_wd if official else (p.ndim >= 2 and name not in no_wd)
         key = (decay, mult)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "weight_decay": cfg.weight_decay if decay else 0.0,

@@ -19,23 +19,44 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from train import launch  # noqa: E402
+from train.config import ConfigError  # noqa: E402
 from train.launch import EXIT_STOPPED, StopOnSignal  # noqa: E402,F401  (re-exported for callers)
 
 
-def text_masker(data_cfg, tokenizer):
-    """data.mlm_probability set -> the data workers' MLM masking (models.masking.bert_mask, the rule the MLM
-    objective applies on the device); else None."""
-    import functools
+def text_masker(cfg, tokenizer):
+    """data.mlm_probability set -> the data workers' MLM masking: the MLM objective's own rule
+    (models/objectives/mlm.py build_masker, `objectives.mlm.masking`), so both paths mask alike; else None."""
+    from models.objectives.mlm import MlmConfig, build_masker
 
-    import torch
-
-    from models.masking import bert_mask
-
-    if data_cfg.mlm_probability is None:
+    p = cfg.data.mlm_probability
+    if p is None:
         return None
-    return functools.partial(bert_mask, special_ids=torch.tensor(sorted({int(i) for i in tokenizer.all_special_ids})),
-                             mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                             probability=data_cfg.mlm_probability)
+    return build_masker(cfg.objectives.get("mlm") or MlmConfig(mask_prob=p), tokenizer)
+
+
+def init_from(model, path: str) -> None:
+    """train.init_from: load a whole-model (`kind: vlp`) file strictly into `model`. Momentum copies the file lacks
+    (one written before ITA was enabled, or an imported SCL checkpoint) start as copies of its online weights, as a
+    fresh build makes them; anything else missing, unexpected or of another shape is one ConfigError naming it."""
+    import re
+
+    from models.weights import WeightsError, check_keys, load_weights
+
+    try:
+        sd, meta = load_weights(path)
+        if meta.get("kind") != "vlp":
+            raise WeightsError(f"{path}: not a whole-model file (kind={meta.get('kind')!r}); write one with "
+                               "`python train/convert_checkpoint.py zero-to-fp32|import ...`")
+        own = model.state_dict()
+        for k in own:
+            m = re.fullmatch(r"momentum\.copies\.(\w+)\.(.+)", k)
+            online = f"{m.group(1).replace('__', '.')}.{m.group(2)}" if m else None
+            if k not in sd and online in sd:
+                sd[k] = sd[online]
+        check_keys(sd, own, f"train.init_from {path}")
+    except WeightsError as e:
+        raise ConfigError(str(e)) from None
+    model.load_state_dict(sd, strict=True)
 
 
 def build(cfg, dist) -> launch.Built:
@@ -49,10 +70,12 @@ def build(cfg, dist) -> launch.Built:
     t = cfg.train
     tokenizer = load_tokenizer(cfg.model.text)
     model = build_model(cfg.model, cfg.objectives, tokenizer)
+    if t.init_from:
+        init_from(model, t.init_from)
     seed_all(t.seed + dist.rank)   # different dropout / masking draws per rank from here on
     train_loader = build_train_loader(cfg.data, tokenizer, micro_batch_size=t.micro_batch_size, rank=dist.rank,
                                       world_size=dist.world_size, seed=t.seed,
-                                      text_masker=text_masker(cfg.data, tokenizer))
+                                      text_masker=text_masker(cfg, tokenizer))
     evaluate = None
     if cfg.data.eval:
         eval_loader = build_eval_loader(cfg.data, tokenizer, batch_size=t.eval_batch_size)

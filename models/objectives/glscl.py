@@ -7,7 +7,8 @@ MLTC adds pass C = F(image with 30% of patch embeddings replaced by a learnable 
 Features are raw fusion outputs (before the poolers); `sg` = detach.
 
 MGSC: L = nce(ag(h^v_0(A)), ag(sg h^v_0(B))) + nce(ag(h^t_0(B)), ag(sg h^t_0(A)))
-      (video: the image term is computed per frame CLS and averaged over frames).
+      (video: the image term is computed per frame CLS and averaged over frames). `text_negatives: local` computes
+      the text term on this rank's batch instead, as the released GLSCL code does (its SCL-era code gathered both).
 MLTC: L = image_weight * nce(h^v(C)[m_v], sg h^v(B)[m_v])                 (local batch, patch tokens)
         + text_weight  * nce(ag(h^t(B))[ag(m_t)], ag(sg h^t(A))[ag(m_t)])  (global batch)
       negatives are all other masked tokens in the (local/global) batch, the same sample's included.
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.backbone import gathered_grad
 from models.fusion import FusionOutput
 from models.masking import mask_text_for_completion, random_keep_indices, random_token_mask
 from models.objectives.base import BuildEnv, Objective, ObjectiveOutput, check_weight
@@ -48,11 +50,17 @@ class MgscConfig:
     image_mask_ratio: float = 0.8  # fraction of patches dropped in pass A
     text_mask_ratio: float = 0.4  # fraction of real, non-special tokens masked in pass B
     # "exact": exactly 40% of the tokens, drawn without replacement (the paper); "with_replacement": the released
-    # code's int(0.4 n) + 1 draws with replacement (fewer distinct tokens). Presets use the paper's rule.
+    # code's int(0.4 n) + 1 draws with replacement (fewer distinct tokens; the paper presets' parity setting).
     text_mask_sampling: Literal["exact", "with_replacement"] = "exact"
+    # "global": the text term's negatives come from every rank's batch (the paper, SCL's first code); "local": this
+    # rank's batch only (the released GLSCL code takes the CLS features before its all-gather)
+    text_negatives: Literal["global", "local"] = "global"
 
     def validate(self) -> None:
         check_weight("objectives.mgsc.weight", self.weight)
+        if self.text_negatives not in ("global", "local"):
+            raise ValueError(f"objectives.mgsc.text_negatives: expected 'global' or 'local', got "
+                             f"{self.text_negatives!r}")
         if self.temperature <= 0:
             raise ValueError(f"objectives.mgsc.temperature must be > 0, got {self.temperature}")
         _check_ratio("objectives.mgsc.image_mask_ratio", self.image_mask_ratio)
@@ -66,9 +74,15 @@ class MltcConfig:
     image_token_mask_ratio: float = 0.3  # fraction of patch embeddings replaced by the mask token in pass C
     image_weight: float = 0.2
     text_weight: float = 0.2
+    # the image mask token's init: "small" = trunc-normal std 0.02, the ViT's own cls/pos scale (BEiT/SimMIM);
+    # "randn" = N(0, 1), the released code's
+    mask_token_init: Literal["small", "randn"] = "small"
 
     def validate(self) -> None:
         check_weight("objectives.mltc.weight", self.weight)
+        if self.mask_token_init not in ("small", "randn"):
+            raise ValueError(f"objectives.mltc.mask_token_init: expected 'small' or 'randn', got "
+                             f"{self.mask_token_init!r}")
         if self.temperature <= 0:
             raise ValueError(f"objectives.mltc.temperature must be > 0, got {self.temperature}")
         _check_ratio("objectives.mltc.image_token_mask_ratio", self.image_token_mask_ratio)
@@ -135,9 +149,14 @@ class MGSC(Objective):
         a, b = p.a, p.b
         f, tau = ctx.num_frames, self.cfg.temperature
         # Image: prediction = frame-CLS of A (image masked), target = sg(frame-CLS of B); per frame, mean over frames.
-        image = sum(nce(ctx.gather(a.image[:, i]), ctx.gather(b.image[:, i].detach()), tau) for i in range(f)) / f
+        g = ctx.gather
+        image = sum(nce(g(a.image[:, i]), g(b.image[:, i].detach()), tau) for i in range(f)) / f
         # Text: prediction = text CLS of B (text masked), target = sg(text CLS of A).
-        text = nce(ctx.gather(b.text[:, 0]), ctx.gather(a.text[:, 0].detach()), tau)
+        if self.cfg.text_negatives == "local":
+            text = nce(b.text[:, 0], a.text[:, 0].detach(), tau)
+        else:
+            text = gathered_grad(nce(g(b.text[:, 0]), g(a.text[:, 0].detach()), tau), g)
+        image = gathered_grad(image, g)
         return ObjectiveOutput({"mgsc": image + text},
                                {"mgsc_image": image.detach(), "mgsc_text": text.detach()})
 
@@ -150,10 +169,13 @@ class MLTC(Objective):
     def __init__(self, cfg: MltcConfig, env: BuildEnv):
         super().__init__(cfg, env)
         env.use(GlsclPasses, tokens="all")
-        # SCL's code initialises visual_mask_token with randn (N(0, 1)); we use trunc-normal std 0.02 like the ViT's
-        # own cls/pos embeddings (BEiT/SimMIM), so the masked embedding is on the patch embeddings' scale.
+        # SCL's code initialises visual_mask_token with randn (N(0, 1)); by default we use trunc-normal std 0.02 like
+        # the ViT's own cls/pos embeddings (BEiT/SimMIM), so the masked embedding is on the patch embeddings' scale.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, env.backbone.vision.embed_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if cfg.mask_token_init == "randn":
+            nn.init.normal_(self.mask_token)
+        else:
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
@@ -178,7 +200,7 @@ class MLTC(Objective):
         m_t = ctx.gather(p.text_mask.to(torch.uint8)).bool()
         pred, target = ctx.gather(b.text)[m_t], ctx.gather(a.text.detach())[m_t]
         if m_t.any():
-            text = nce(pred, target, c.temperature)
+            text = gathered_grad(nce(pred, target, c.temperature), ctx.gather)
         else:  # every caption empty: no masked token anywhere (SCL skips the NaN term)
             text = b.text.float().sum() * 0.0
         return ObjectiveOutput({"mltc_image": c.image_weight * image, "mltc_text": c.text_weight * text},

@@ -1,9 +1,10 @@
 """Image-text contrastive loss (ITC) over the batch gathered from every rank.
 
 Each rank scores its own rows against all gathered columns (labels offset by rank); the trainer's gather carries the
-gradient back to the rank that produced each column, so the result equals the full-batch loss. The temperature is
-the backbone's (models/backbone.py ContrastiveHead: learnable, clamped to model.itc's [min, max]). Publishes the
-local similarities for ITM's hard negatives.
+gradient back to the rank that produced each column, so the result equals the full-batch loss
+(`train.gathered_grad: official` scales the features' gradient as the released SCL code does: models/backbone.py
+gathered_grad). The temperature is the backbone's (models/backbone.py ContrastiveHead: learnable, log-parameterised
+and clamped to model.itc's [min, max], or raw). Publishes the local similarities for ITM's hard negatives.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from models.backbone import gathered_grad
 from models.objectives.base import Objective, ObjectiveOutput, check_weight
 from models.passes import ContrastiveScores, ImageEncoding, Scores, TextEncoding
 
@@ -33,6 +35,7 @@ class ITC(Objective):
 
     def forward(self, ctx) -> ObjectiveOutput:
         zi, zt, tau = ctx.model.itc(ctx.image.global_, ctx.text[:, 0])
+        zi, zt = gathered_grad(zi, ctx.gather), gathered_grad(zt, ctx.gather)   # the temperature keeps its own
         all_i, all_t = ctx.gather(zi), ctx.gather(zt)
         labels = torch.arange(zi.shape[0], device=zi.device) + ctx.gather.rank * zi.shape[0]
         i2t = zi @ all_t.T / tau

@@ -10,6 +10,9 @@ ITA, `ContrastiveScores`); without one in the step, negatives are uniform. The h
 `pairs: b` instead makes one fusion call of exactly B pairs, the cost of the official SCL code's single ITM pass:
 a random B//2 of the samples (torch.randperm) become negatives, half of them (rounded down) with a negative text
 and the rest with a negative image, drawn by the same `sample_negatives`; the other samples stay positive pairs.
+`negative_side: image` (with `pairs: b`) is the released SCL code's rule: B - B//2 random samples keep their text
+and get another sample's image, B//2 stay positive. With `hard_negatives: false` that image is drawn uniformly from
+the other samples of the micro batch (the released code draws a random image of the dataset, `false_image_0`).
 """
 from __future__ import annotations
 
@@ -30,11 +33,17 @@ class ItmConfig:
     weight: float = 1.0
     hard_negatives: bool = True
     pairs: Literal["3b", "b"] = "3b"  # "3b": B positives + B negative texts + B negative images; "b": B pairs, B//2 negative
+    # pairs b: "both" = half the negatives get another text, half another image; "image" = the released code's rule
+    negative_side: Literal["both", "image"] = "both"
 
     def validate(self) -> None:
         check_weight("objectives.itm.weight", self.weight)
         if self.pairs not in ("3b", "b"):
             raise ValueError(f"objectives.itm.pairs: expected '3b' or 'b', got {self.pairs!r}")
+        if self.negative_side not in ("both", "image"):
+            raise ValueError(f"objectives.itm.negative_side: expected 'both' or 'image', got {self.negative_side!r}")
+        if self.negative_side == "image" and self.pairs != "b":
+            raise ValueError("objectives.itm.negative_side: 'image' needs objectives.itm.pairs: b")
 
 
 def sample_negatives(sim: torch.Tensor | None, forbidden: torch.Tensor) -> torch.Tensor:
@@ -84,8 +93,12 @@ class ITM(Objective):
         fuse = lambda t, m, v: ctx.model.fuse(t, m, ImageTokens(v, ctx.num_frames), text_out="cls", image_out="cls")
         if self.cfg.pairs == "b":
             with torch.no_grad():
-                neg = torch.randperm(b, device=ids.device)[: b // 2]
-                swap_text, swap_image = neg[: neg.numel() // 2], neg[neg.numel() // 2:]
+                if self.cfg.negative_side == "image":   # released: B//2 positives, the rest get another image
+                    neg = torch.randperm(b, device=ids.device)[b // 2:]
+                    swap_text, swap_image = neg[:0], neg
+                else:
+                    neg = torch.randperm(b, device=ids.device)[: b // 2]
+                    swap_text, swap_image = neg[: neg.numel() // 2], neg[neg.numel() // 2:]
                 text_idx = torch.arange(b, device=ids.device)
                 image_idx = torch.arange(b, device=ids.device)
                 text_idx[swap_text] = neg_text.to(ids.device)[swap_text]

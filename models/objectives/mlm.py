@@ -5,16 +5,21 @@ mask_prob; of those 80% become the mask token, 10% a random non-special token, 1
 at selected positions (the vocabulary projection is the costliest part of the head).
 With `data.mlm_probability` set, the data workers apply the same function and the batch carries `mlm_input_ids` and
 `mlm_labels`; the objective then uses those instead of masking on the device.
+`masking: official` is the released SCL code's rule instead (`official_mlm_mask`: transformers 4.6's whole-word
+collator on padded captions; with RoBERTa it masks single tokens, about 16% of them, and draws replacements from the
+whole vocabulary). It loops over rows on the CPU: pair it with `data.mlm_probability` so the data workers do it.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from models.heads import MLMHead
-from models.masking import bert_mask
+from models.masking import bert_mask, official_mlm_mask
 from models.objectives.base import BuildEnv, Objective, ObjectiveOutput, check_weight
 from models.passes import ImageEncoding, TextEncoding
 
@@ -23,11 +28,28 @@ from models.passes import ImageEncoding, TextEncoding
 class MlmConfig:
     weight: float = 1.0
     mask_prob: float = 0.15
+    masking: Literal["bert", "official"] = "bert"   # see the module docstring
 
     def validate(self) -> None:
         check_weight("objectives.mlm.weight", self.weight)
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"objectives.mlm.mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.masking not in ("bert", "official"):
+            raise ValueError(f"objectives.mlm.masking: expected 'bert' or 'official', got {self.masking!r}")
+
+
+def build_masker(cfg: MlmConfig, tokenizer):
+    """`masker(input_ids, attention_mask, generator=None) -> (masked ids, labels)` for cfg's rule: the one function
+    the data workers (data.mlm_probability) and the objective on the device both call."""
+    special = torch.tensor(sorted({int(i) for i in tokenizer.all_special_ids}), dtype=torch.long)
+    if cfg.masking == "official":
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        return functools.partial(
+            official_mlm_mask, continuation=torch.tensor([t.startswith("##") for t in tokens]),
+            skipped=torch.tensor([t in ("[CLS]", "[SEP]") for t in tokens]), special_ids=special,
+            mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), probability=cfg.mask_prob)
+    return functools.partial(bert_mask, special_ids=special, mask_token_id=tokenizer.mask_token_id,
+                             vocab_size=len(tokenizer), probability=cfg.mask_prob)
 
 
 class MLM(Objective):
@@ -37,10 +59,8 @@ class MLM(Objective):
 
     def __init__(self, cfg: MlmConfig, env: BuildEnv):
         super().__init__(cfg, env)
-        tok = env.tokenizer
-        self.vocab_size = len(tok)   # random replacements are real tokens (the head predicts over the model's vocab)
-        self.mask_token_id = tok.mask_token_id
-        self.register_buffer("special_ids", torch.tensor(env.special_ids, dtype=torch.long), persistent=False)
+        self.masker = build_masker(cfg, env.tokenizer)
+        self.mask_token_id = env.tokenizer.mask_token_id
         self.head = MLMHead(env.backbone.fusion.hidden_size, env.backbone.text.vocab_size)
 
     @classmethod
@@ -54,8 +74,7 @@ class MLM(Objective):
         if ctx.mlm_labels is not None:  # masked in the data workers (the same rule)
             masked, labels = ctx.mlm_input_ids, ctx.mlm_labels
         else:
-            masked, labels = bert_mask(ctx.input_ids, ctx.attention_mask, self.special_ids, self.mask_token_id,
-                                       self.vocab_size, self.cfg.mask_prob)
+            masked, labels = self.masker(ctx.input_ids, ctx.attention_mask)
         if not (labels != -100).any():  # nothing selected (e.g. a batch of empty captions): nothing to predict
             return ObjectiveOutput({"mlm": self.head(ctx.text[:, :1]).float().sum() * 0.0},
                                    {"mlm_acc": torch.zeros((), device=labels.device)})

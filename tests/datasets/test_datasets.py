@@ -4,11 +4,14 @@ import sys, pathlib  # noqa: E401
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
+import contextlib
+import ctypes
 import io
 import json
 import os
 import random
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -51,50 +54,86 @@ def _center_rgb(img: np.ndarray, box):
 
 
 # ------------------------------------------------------------------------------------------------ generator
-def _members(path: pathlib.Path) -> dict:
-    """A file's content for comparison: tar members as bytes, except mp4s as their decoded frames. libx264 in this
-    PyAV build now and then encodes the same frames to slightly different bytes (same process, one thread), so
-    clips are compared by what they show (mean level per frame and channel, within 3 of 255), everything else
-    byte for byte."""
-    import io
-    import tarfile
+def _tree(root: pathlib.Path) -> dict:
+    """Every file under root: relative path -> bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
-    import decord
-    import numpy as np
 
-    if path.suffix != ".tar":
-        return {"bytes": path.read_bytes()}
-    out = {}
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            data = tar.extractfile(m).read()
-            if m.name.endswith(".mp4"):
-                frames = decord.VideoReader(io.BytesIO(data)).get_batch(list(range(4))).asnumpy()
-                out[m.name] = frames.astype(np.float32).mean(axis=(1, 2))   # per frame and channel
-            else:
-                out[m.name] = data
+def _stats(root: pathlib.Path) -> dict:
+    """Every file under root: relative path -> what rewriting it would change (inode, size, mtime, ctime)."""
+    stats = {p.relative_to(root).as_posix(): p.stat() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {rel: (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for rel, st in stats.items()}
+
+
+def _differing(a: dict, b: dict) -> list:
+    """Paths whose bytes differ, tars as `path:member` so a failure names the sample."""
+    out = []
+    for rel in sorted(a.keys() | b.keys()):
+        if a.get(rel) == b.get(rel):
+            continue
+        if rel.endswith(".tar") and rel in a and rel in b:
+            ma, mb = (_tar_members(x) for x in (a[rel], b[rel]))
+            names = sorted(n for n in ma.keys() | mb.keys() if ma.get(n) != mb.get(n))
+            out += [f"{rel}:{n}" for n in names] or [f"{rel} (tar headers)"]
+        else:
+            out.append(rel)
     return out
 
 
-def test_generator_deterministic_and_idempotent(tmp_path):
+def _tar_members(data: bytes) -> dict:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+
+
+@contextlib.contextmanager
+def _heap_fill(byte: int):
+    """While inside, glibc fills each new malloc block with byte ^ 0xff and each freed one with `byte` (mallopt
+    M_PERTURB, what MALLOC_PERTURB_ sets); elsewhere a no-op. Any bytes an encoder computes from memory it never
+    initialised then differ between two generations, every time rather than now and then."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None or mallopt(-6, byte) != 1:  # -6: M_PERTURB
+        yield
+        return
+    try:
+        yield
+    finally:
+        mallopt(-6, 0)
+
+
+def test_generator_deterministic_and_idempotent(tmp_path, monkeypatch):
+    """One seed, one set of bytes in every file (shards, stats, manifest), whatever earlier allocations left in the
+    heap and whatever the clock says; reuse leaves every file untouched."""
     kw = dict(image_size=32, train_images=30, val_images=8, train_videos=6, val_videos=4,
               train_image_shards=3, train_video_shards=2)
-    a = demo_data.generate(tmp_path / "a", **kw)
-    b = demo_data.generate(tmp_path / "b", **kw)
-    c = demo_data.generate(tmp_path / "c", seed=1, **kw)
-    assert a["files"] and a["files"].keys() == b["files"].keys()
-    for rel in a["files"]:
-        ma, mb = _members(tmp_path / "a" / rel), _members(tmp_path / "b" / rel)
-        assert ma.keys() == mb.keys(), rel
-        for name in ma:
-            if isinstance(ma[name], bytes):
-                assert ma[name] == mb[name], (rel, name)
-            else:
-                assert abs(ma[name] - mb[name]).max() <= 3.0, (rel, name)
-    assert any((tmp_path / "a" / r).read_bytes() != (tmp_path / "c" / r).read_bytes() for r in a["files"])
+    with _heap_fill(0xFF):  # new blocks zeroed
+        a = demo_data.generate(tmp_path / "a", **kw)
+    demo_data.generate(tmp_path / "c", seed=1, **kw)
+    # b starts in a later second than a ended: a timestamp from any clock (C libraries' too) differs between a and b
+    # at a tar header's or an mp4 box's 1 s resolution. Python's clock is also put a year on.
+    second = int(time.time())
+    while int(time.time()) == second:
+        time.sleep(0.02)
+    now, now_ns = time.time, time.time_ns
+    with monkeypatch.context() as m, _heap_fill(0x55):  # new blocks 0xaa, freed ones 0x55, and a year later
+        m.setattr(time, "time", lambda: now() + 366 * 86400)
+        m.setattr(time, "time_ns", lambda: now_ns() + 366 * 86400 * 10**9)
+        b = demo_data.generate(tmp_path / "b", **kw)
+    ta, tb = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert a["files"] == b["files"] and set(a["files"]) | {demo_data.MANIFEST} <= ta.keys()
+    assert any(rel.endswith(".mp4") for tar in a["files"] for rel in _tar_members(ta[tar]))
+    assert _differing(ta, tb) == []  # byte for byte, mp4s included
+    tc = _tree(tmp_path / "c")
+    assert any(ta[rel] != tc[rel] for rel in a["files"])
+
+    before = _stats(tmp_path / "a")
     again = demo_data.generate(tmp_path / "a", **kw)
-    assert again["reused"]
-    assert not demo_data.generate(tmp_path / "a", **{**kw, "val_images": 9})["reused"]  # new args -> rebuilt
+    assert again["reused"] and again["files"] == a["files"]
+    assert _stats(tmp_path / "a") == before  # reused by effect: no file rewritten, added or removed
+    rebuilt = demo_data.generate(tmp_path / "a", **{**kw, "val_images": 9})  # new args -> rebuilt
+    assert not rebuilt["reused"]
+    t9 = _tree(tmp_path / "a")
+    assert json.loads(t9[demo_data.MANIFEST])["args"]["val_images"] == 9
+    assert len(_tar_members(t9["val/images-00000.tar"])) == 3 * 9
 
 
 def test_layout_and_metadata(demo):

@@ -2,6 +2,7 @@
 train/pretrain.py) and the device (the MLM objective's call) give identical masks for one generator state, and the
 rule's statistics hold against counts made here independently."""
 import collections
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_data_workers_and_device_give_identical_masks(demo_shards, tokenizer):
     p = 0.3
     cfg = DataConfig(train=[SourceConfig(demo_shards["paths"]["train_images"])], image_size=32, num_workers=0,
                      shuffle_buffer=10, max_text_len=24, mlm_probability=p)
-    masker = text_masker(cfg, tokenizer)
+    masker = text_masker(SimpleNamespace(data=cfg, objectives={}), tokenizer)   # no mlm section: the default rule
     states = []
 
     def recording(input_ids, attention_mask, *, generator):
