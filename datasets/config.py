@@ -75,6 +75,8 @@ class DataConfig:
     # train only, e.g. {num_ops: 2, magnitude: 9}; a video clip gets one draw for all its frames
     randaugment: Optional[RandAugmentConfig] = None
     mlm_probability: Optional[float] = None  # set -> train batches also carry mlm_input_ids / mlm_labels
+    # an ALIGN-BENCH dir (images/N.jpg, pkls/N.pkl): every evaluation also scores it (train/align_bench.py)
+    align_bench: Optional[str] = None
 
     def validate(self) -> "DataConfig":
         for name, sources in (("train", self.train), ("eval", self.eval)):
@@ -122,4 +124,6 @@ class DataConfig:
         p = self.mlm_probability
         if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1):
             raise ValueError(f"data.mlm_probability must be null or a number in (0, 1), got {p!r}")
+        if self.align_bench is not None and not (isinstance(self.align_bench, str) and self.align_bench.strip()):
+            raise ValueError(f"data.align_bench must be null or a directory path, got {self.align_bench!r}")
         return self

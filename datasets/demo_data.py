@@ -5,6 +5,11 @@ Layout follows img2dataset / video2dataset: `{split}/{kind}-{SSSSS}.tar` holding
 Held-out (val) captions are unique within val and never used for a train sample, so zero-shot retrieval on
 val is unambiguous and measures composition of seen words.
 
+`align_bench/` holds a small ALIGN-BENCH-format set (methods.md §1.7) drawn from two-object descriptions that no
+train sample uses: `images/N.jpg` (2x the image size) and `pkls/N.pkl`, each pickle
+`{"caption": str, "annotation": {phrase: [{"bbox_mask": [x1, y1, x2, y2], "pixel_mask": HxW bool}]}}`;
+see `write_align_bench` for the conventions.
+
     python datasets/demo_data.py --out data/demo [--seed 0] [--image-size 64] [--train-images N] ...
 """
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import io
 import json
 import os
+import pickle
 import sys
 import tarfile
 import time
@@ -27,7 +33,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: clips from C-only x264 + bitexact mp4, no run time in the manifest (issue 11)
+FORMAT_VERSION = 3  # 2: clips from C-only x264 + bitexact mp4, no run time in the manifest (issue 11)
+#                    3: align_bench/ (ALIGN-BENCH format, issue 12)
+ALIGN_DIR = "align_bench"
+ALIGN_SCALE = 2          # align_bench images are ALIGN_SCALE x image_size px, so a reader's resize is exercised
+PICKLE_PROTOCOL = 4      # not 5: numpy pickles arrays under 5 via numpy._core.numeric._frombuffer, which strict
+#                          ALIGN-BENCH readers refuse; under 4 via _reconstruct + ndarray + dtype
 MTIME = 1_700_000_000  # fixed tar member mtime so the same seed gives byte-identical shards
 
 # Well separated RGB anchors; tests map a pixel to the nearest anchor.
@@ -58,6 +69,7 @@ class DemoArgs:
     video_frames: tuple = (8, 16)  # inclusive range of frames per clip
     fps: int = 8
     jpeg_quality: int = 90
+    align_items: int = 64  # ALIGN-BENCH-format items in align_bench/ (0: none)
 
 
 # ----------------------------------------------------------------------------------------------- drawing
@@ -251,6 +263,18 @@ def plan_descs(args: DemoArgs) -> dict[str, list[tuple]]:
     return {"train/images": train_img, "val/images": val_img, "train/videos": train_vid, "val/videos": val_vid}
 
 
+def plan_align_descs(args: DemoArgs, descs: dict[str, list[tuple]]) -> list[tuple]:
+    """align_bench scenes: `align_items` distinct two-object descriptions that no train sample shows (so held out
+    like val's, which they may share), in a seeded order."""
+    seen = set(descs["train/images"])
+    unseen = [p for p in _pair_space() if p not in seen]
+    if not 0 <= args.align_items <= len(unseen):
+        raise ValueError(f"align_items={args.align_items} must be in [0, {len(unseen)}] (the two-object captions "
+                         f"no train sample uses)")
+    r = _rng(args.seed, 3)
+    return [unseen[i] for i in r.permutation(len(unseen))[: args.align_items]]
+
+
 def shard_counts(n: int, shards: int) -> list[int]:
     """Split n samples into `shards` deliberately unequal counts (like failed downloads do), all > 0."""
     shards = max(1, min(shards, n)) if n > 0 else 0
@@ -325,6 +349,63 @@ def _write_split(out: Path, split_kind: str, descs: list[tuple], n_shards: int, 
     return {"files": files, "counts": counts, "pattern": pattern}
 
 
+def _shape_mask(shape: str, box: list[int], s: int) -> np.ndarray:
+    """(s, s) bool: exactly the pixels `_draw_shape` paints for this shape and box (same call, blank 1-channel)."""
+    canvas = Image.new("L", (s, s), 0)
+    _draw_shape(ImageDraw.Draw(canvas), shape, box, 255)
+    return np.asarray(canvas) > 0
+
+
+def align_annotation(meta: dict, s: int) -> dict:
+    """ALIGN-BENCH `annotation` of a `make_scene` meta drawn at s x s px: {phrase: [region]}, in caption order.
+
+    Per object, its phrase (the caption's "SIZE COLOUR SHAPE" words, no article) and then each of those words
+    that occurs once in the caption (a word occurring twice, e.g. "small" in "a small red circle left of a small
+    blue square", is left out: a reader matches a phrase's first occurrence, which would be the wrong object for
+    the second one). Region: {"bbox_mask": [x1, y1, x2, y2], "pixel_mask": (s, s) bool}, the box half-open in
+    image pixels (x1, y1 the first column/row covered, x2, y2 one past the last: mask[y1:y2, x1:x2]), the mask
+    exactly the drawn shape's pixels (a circle's disc), minus any pixels of an object drawn later (demo pairs never
+    overlap). The phrase and its words share one mask array, which the pickle stores once.
+    """
+    objs = meta["objects"]
+    masks = [_shape_mask(o["shape"], o["box"], s) for o in objs]
+    for i in range(len(masks)):
+        for later in masks[i + 1:]:
+            masks[i] = masks[i] & ~later
+    words = meta["caption"].split()
+    ann = {}
+    for oi, (obj, mask) in enumerate(zip(objs, masks)):
+        names = [" ".join([obj["size"], obj["color"], obj["shape"]])]
+        names += [w["word"] for w in meta["words"] if w["object"] == oi and words.count(w["word"]) == 1]
+        for name in names:
+            ann[name] = [{"bbox_mask": [int(v) for v in obj["box"]], "pixel_mask": mask}]
+    return ann
+
+
+def write_align_bench(out: Path, descs: list[tuple], args: DemoArgs) -> dict:
+    """out/align_bench/images/N.jpg + pkls/N.pkl, N = 0 .. len(descs) - 1; returns {relative path: size}.
+
+    Images are ALIGN_SCALE x image_size px square JPEGs (quality jpeg_quality), scenes drawn by `make_scene` with
+    the same captions as the shards; pickles are {"caption", "annotation"} (`align_annotation`) holding only
+    dict/list/str/int and numpy bool arrays, written with PICKLE_PROTOCOL, so the bytes are a function of the seed.
+    """
+    s = ALIGN_SCALE * args.image_size
+    files = {}
+    for sub in ("images", "pkls"):
+        (out / ALIGN_DIR / sub).mkdir(parents=True, exist_ok=True)
+    for i, desc in enumerate(descs):
+        img, meta = make_scene(desc, s, _rng(args.seed, 30, i))
+        assert meta["caption"] == _caption_of(desc)
+        b = io.BytesIO()
+        img.save(b, format="JPEG", quality=args.jpeg_quality)
+        item = {"caption": meta["caption"], "annotation": align_annotation(meta, s)}
+        for rel, data in ((f"{ALIGN_DIR}/images/{i}.jpg", b.getvalue()),
+                          (f"{ALIGN_DIR}/pkls/{i}.pkl", pickle.dumps(item, protocol=PICKLE_PROTOCOL))):
+            _write_atomic(out / rel, data)
+            files[rel] = len(data)
+    return files
+
+
 def _manifest_ok(out: Path, args: DemoArgs) -> dict | None:
     try:
         man = json.loads((out / MANIFEST).read_text())
@@ -361,7 +442,13 @@ def generate(out_dir: str | os.PathLike, *, force: bool = False, verbose: bool =
         for p in (out / split).glob("*") if (out / split).is_dir() else []:
             if p.name.startswith(("images-", "videos-")):
                 p.unlink()
+    for sub, ext in (("images", ".jpg"), ("pkls", ".pkl")):  # and stale align_bench items (N beyond this run's)
+        d = out / ALIGN_DIR / sub
+        for p in d.glob("*") if d.is_dir() else []:
+            if p.name.endswith((ext, ext + ".tmp")):
+                p.unlink()
     descs = plan_descs(args)
+    align_descs = plan_align_descs(args, descs)
     plan = [("train/images", args.train_image_shards, 10), ("val/images", 1, 11),
             ("train/videos", args.train_video_shards, 20), ("val/videos", 1, 21)]
     man = {"version": FORMAT_VERSION, "args": json.loads(json.dumps(asdict(args))), "files": {},
@@ -373,6 +460,12 @@ def generate(out_dir: str | os.PathLike, *, force: bool = False, verbose: bool =
         man["files"].update(res["files"])
         man["patterns"][split_kind.replace("/", "_")] = res["pattern"]
         man["counts"][split_kind.replace("/", "_")] = res["counts"]
+    if align_descs:
+        man["files"].update(write_align_bench(out, align_descs, args))
+        if verbose:
+            print(f"  {ALIGN_DIR}: {len(align_descs)} ALIGN-BENCH items", flush=True)
+    man["align_bench"] = {"dir": ALIGN_DIR if align_descs else None, "items": len(align_descs),
+                          "image_size": ALIGN_SCALE * args.image_size}
     _write_atomic(out / MANIFEST, json.dumps(man, indent=1, sort_keys=True).encode())
     man["seconds"] = round(time.time() - t0, 2)  # returned, not written: the manifest is byte-identical per seed
     man["reused"] = False
@@ -381,6 +474,8 @@ def generate(out_dir: str | os.PathLike, *, force: bool = False, verbose: bool =
 
 def _with_paths(man: dict, out: Path) -> dict:
     man["paths"] = {k: (str(out / v) if v else None) for k, v in man["patterns"].items()}
+    ab = man.get("align_bench", {}).get("dir")
+    man["paths"]["align_bench"] = str(out / ab) if ab else None
     return man
 
 
@@ -396,17 +491,24 @@ def main(argv=None) -> int:
     ap.add_argument("--val-videos", type=int, default=d.val_videos)
     ap.add_argument("--train-image-shards", type=int, default=d.train_image_shards)
     ap.add_argument("--train-video-shards", type=int, default=d.train_video_shards)
+    ap.add_argument("--align-items", type=int, default=d.align_items,
+                    help="ALIGN-BENCH-format items written to OUT/align_bench (0: none)")
     ap.add_argument("--force", action="store_true", help="regenerate even when a matching set exists")
     a = ap.parse_args(argv)
     man = generate(a.out, force=a.force, verbose=True, seed=a.seed, image_size=a.image_size,
                    train_images=a.train_images, val_images=a.val_images, train_videos=a.train_videos,
                    val_videos=a.val_videos, train_image_shards=a.train_image_shards,
-                   train_video_shards=a.train_video_shards)
+                   train_video_shards=a.train_video_shards, align_items=a.align_items)
     state = "already complete, nothing to do" if man["reused"] else f"written in {man['seconds']} s"
     total = sum(man["files"].values())
-    print(f"demo data in {a.out}: {state} ({len(man['files'])} shards, {total / 1e6:.1f} MB)")
+    n_tars = sum(rel.endswith(".tar") for rel in man["files"])
+    print(f"demo data in {a.out}: {state} ({n_tars} shards, {len(man['files'])} files, {total / 1e6:.1f} MB)")
     for k, p in man["paths"].items():
-        print(f"  {k}: {p}  ({sum(man['counts'][k])} samples)")
+        if k == "align_bench":
+            ab = man["align_bench"]
+            print(f"  {k}: {p}  ({ab['items']} items, {ab['image_size']} px)")
+        else:
+            print(f"  {k}: {p}  ({sum(man['counts'][k])} samples)")
     return 0
 
 

@@ -143,6 +143,11 @@ def check_run_inputs(cfg, path: str) -> None:
     if init is not None and not os.path.isfile(init):
         raise ConfigError(f"{path}: train.init_from: no such file {init!r} (write one with `python "
                           "train/convert_checkpoint.py zero-to-fp32|import ...`)")
+    if cfg.data.align_bench is not None:
+        from datasets.align_bench import check_dir
+        why = check_dir(cfg.data.align_bench)
+        if why:
+            _fail(path, "data.align_bench", why)
     check_output_dir(cfg.train.output_dir, path)
     check_text(cfg, path)
 

@@ -76,11 +76,18 @@ def build(cfg, dist) -> launch.Built:
     train_loader = build_train_loader(cfg.data, tokenizer, micro_batch_size=t.micro_batch_size, rank=dist.rank,
                                       world_size=dist.world_size, seed=t.seed,
                                       text_masker=text_masker(cfg, tokenizer))
-    evaluate = None
+    hooks = []
     if cfg.data.eval:
         eval_loader = build_eval_loader(cfg.data, tokenizer, batch_size=t.eval_batch_size)
         names = [s.display_name() for s in cfg.data.eval]
-        evaluate = lambda engine: zero_shot_retrieval(engine, eval_loader, names)  # noqa: E731
+        hooks.append(lambda engine: zero_shot_retrieval(engine, eval_loader, names))
+    if cfg.data.align_bench:   # ALIGN-BENCH scores merged into the same eval record (eval.json, loggers)
+        from train.align_bench import eval_hook
+        hooks.append(eval_hook(cfg.data.align_bench, tokenizer, cfg.data, batch_size=t.eval_batch_size))
+    evaluate = None
+    if hooks:
+        def evaluate(engine) -> dict:
+            return {k: v for hook in hooks for k, v in hook(engine).items()}
     return launch.Built(model, train_loader, evaluate)
 
 
