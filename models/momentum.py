@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,17 @@ def _full_shape(p: torch.Tensor) -> torch.Size:
     # file needs no DeepSpeed import).
     shape = getattr(p, "ds_shape", None)
     return torch.Size(shape) if shape is not None else p.shape
+
+
+def online_key(key: str, owner: str = "momentum") -> Optional[str]:
+    """The online state-dict key a momentum copy's key mirrors ("momentum.copies.fusion__image_in.weight" ->
+    "fusion.image_in.weight", `owner` being the MomentumCopies' attribute name), or None for any other key. Loaders
+    use it to start copies a file lacks from the file's online weights, as a fresh build does."""
+    head = f"{owner}.copies."
+    if not key.startswith(head) or "." not in key[len(head):]:
+        return None
+    name, rest = key[len(head):].split(".", 1)
+    return f"{name.replace('__', '.')}.{rest}"
 
 
 class MomentumCopies(nn.Module):

@@ -321,7 +321,10 @@ def main(argv=None) -> int:
 
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
-    env = dict(os.environ)
+    # Every run is its own single-process job: a rendezvous inherited from the caller (an earlier in-process run
+    # exports RANK/MASTER_PORT, a launcher its world) would make it join, or collide on, someone else's port.
+    rendezvous = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
     plan = [(v, label, obj, s) for v, label, obj in VARIANTS for s in a.seeds]
     print(f"ablation: {len(VARIANTS)} variants x {len(a.seeds)} seeds = {len(plan)} runs of {a.steps} steps "
           f"({a.config}) -> {out}" + (f"; ALIGN-BENCH {align}" if align else "; no ALIGN-BENCH set"), flush=True)

@@ -38,8 +38,7 @@ def init_from(model, path: str) -> None:
     """train.init_from: load a whole-model (`kind: vlp`) file strictly into `model`. Momentum copies the file lacks
     (one written before ITA was enabled, or an imported SCL checkpoint) start as copies of its online weights, as a
     fresh build makes them; anything else missing, unexpected or of another shape is one ConfigError naming it."""
-    import re
-
+    from models.momentum import online_key
     from models.weights import WeightsError, check_keys, load_weights
 
     try:
@@ -49,10 +48,8 @@ def init_from(model, path: str) -> None:
                                "`python train/convert_checkpoint.py zero-to-fp32|import ...`")
         own = model.state_dict()
         for k in own:
-            m = re.fullmatch(r"momentum\.copies\.(\w+)\.(.+)", k)
-            online = f"{m.group(1).replace('__', '.')}.{m.group(2)}" if m else None
-            if k not in sd and online in sd:
-                sd[k] = sd[online]
+            if k not in sd and online_key(k) in sd:
+                sd[k] = sd[online_key(k)]
         check_keys(sd, own, f"train.init_from {path}")
     except WeightsError as e:
         raise ConfigError(str(e)) from None
@@ -84,11 +81,9 @@ def build(cfg, dist) -> launch.Built:
     if cfg.data.align_bench:   # ALIGN-BENCH scores merged into the same eval record (eval.json, loggers)
         from train.align_bench import eval_hook
         hooks.append(eval_hook(cfg.data.align_bench, tokenizer, cfg.data, batch_size=t.eval_batch_size))
-    evaluate = None
-    if hooks:
-        def evaluate(engine) -> dict:
-            return {k: v for hook in hooks for k, v in hook(engine).items()}
-    return launch.Built(model, train_loader, evaluate)
+    def evaluate(engine) -> dict:
+        return {k: v for hook in hooks for k, v in hook(engine).items()}
+    return launch.Built(model, train_loader, evaluate if hooks else None)
 
 
 ENTRY = launch.Entry(prog="train/pretrain.py", description=__doc__, build=build)

@@ -50,6 +50,7 @@ from typing import Callable, Optional
 
 import torch
 
+from models.momentum import online_key
 from models.weights import WeightsError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -456,8 +457,7 @@ def fill_new(imported: Imported, build_real: Callable[[], dict]) -> None:
         if k == "vision.temporal_embed":
             how.setdefault("zeros", []).append(k)   # the caller has set it (its shape is the reference's)
             continue
-        m = re.fullmatch(r"momentum\.copies\.(\w+)\.(.+)", k)
-        online = f"{m.group(1).replace('__', '.')}.{m.group(2)}" if m else None
+        online = online_key(k)
         if online in sd:
             sd[k] = sd[online].clone()
             how.setdefault("copies of the imported online weights", []).append(k)

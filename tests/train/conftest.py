@@ -36,3 +36,20 @@ def spawn_ranks(worker, world: int, *args) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(worker, args=(port, *args), nprocs=world, join=True)
+
+
+def tiny_model_config(width: int = 64, vision_depth: int = 2, text_layers: int = 2, fusion_layers: int = 2,
+                      fusion_heads: int = 4, **itc):
+    """A toy ModelConfig for tests that build a VLP model directly: 32 px images in 8 px patches, a random-init text
+    tower on the MiniLM tokenizer (`tokenizer="minilm"`), `itc` = ContrastiveHeadConfig fields (embed_dim 16)."""
+    from models.backbone import ContrastiveHeadConfig, ModelConfig
+    from models.fusion import FusionConfig
+    from models.text import TextConfig
+    from models.vision import VisionConfig
+
+    return ModelConfig(VisionConfig("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48,
+                                    depth=vision_depth, num_heads=3),
+                       TextConfig(tokenizer="minilm", hidden_size=width, num_layers=text_layers, num_heads=2,
+                                  intermediate_size=2 * width),
+                       FusionConfig(hidden_size=width, num_layers=fusion_layers, num_heads=fusion_heads),
+                       ContrastiveHeadConfig(**{"embed_dim": 16, **itc}))

@@ -6,26 +6,19 @@ import os
 import torch
 import torch.distributed as dist
 
-from conftest import spawn_ranks
+from conftest import spawn_ranks, tiny_model_config
 
 B, WORLD, QUEUE = 3, 2, 12
 
 
 def _model():
-    from models.backbone import ContrastiveHeadConfig, ModelConfig
-    from models.fusion import FusionConfig
     from models.objectives.ita import ItaConfig
     from models.text import TextConfig, load_tokenizer
-    from models.vision import VisionConfig
     from models.vlp import build_model
 
     tok = load_tokenizer(TextConfig(tokenizer="minilm"))
-    cfg = ModelConfig(VisionConfig("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2,
-                                   num_heads=3),
-                      TextConfig(tokenizer="minilm", hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
-                      FusionConfig(hidden_size=64, num_layers=2, num_heads=4), ContrastiveHeadConfig(embed_dim=16))
     torch.manual_seed(0)
-    return build_model(cfg, {"ita": ItaConfig(queue_size=QUEUE)}, tok).eval(), tok
+    return build_model(tiny_model_config(), {"ita": ItaConfig(queue_size=QUEUE)}, tok).eval(), tok
 
 
 def _batch(tok, rank):

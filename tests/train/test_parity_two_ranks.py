@@ -7,24 +7,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from conftest import spawn_ranks
+from conftest import spawn_ranks, tiny_model_config
 
 B, WORLD = 3, 2
 
 
 def _model(objectives, parameterization="raw"):
-    from models.backbone import ContrastiveHeadConfig, ModelConfig
-    from models.fusion import FusionConfig
     from models.text import TextConfig, load_tokenizer
-    from models.vision import VisionConfig
     from models.vlp import build_model
 
     tok = load_tokenizer(TextConfig(tokenizer="minilm"))
-    cfg = ModelConfig(VisionConfig("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=1,
-                                   num_heads=3),
-                      TextConfig(tokenizer="minilm", hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128),
-                      FusionConfig(hidden_size=64, num_layers=2, num_heads=4),
-                      ContrastiveHeadConfig(embed_dim=16, parameterization=parameterization))
+    cfg = tiny_model_config(vision_depth=1, text_layers=1, parameterization=parameterization)
     torch.manual_seed(0)
     return build_model(cfg, objectives, tok).eval(), tok
 

@@ -644,20 +644,15 @@ def test_init_from_refuses_a_file_that_does_not_fit(glscl_import, tmp_path):
 def test_init_from_fills_missing_momentum_copies_from_the_online_weights(tmp_path):
     """A file without momentum copies (an imported SCL model) into a run with ITA: the copies start as the file's
     online weights, as a fresh build copies its own."""
-    from models.backbone import ContrastiveHeadConfig, ModelConfig
-    from models.fusion import FusionConfig
+    from conftest import tiny_model_config
     from models.objectives.ita import ItaConfig
     from models.text import TextConfig, load_tokenizer
-    from models.vision import VisionConfig
     from models.vlp import build_model
     from models.weights import save_weights
     from train.pretrain import init_from
 
     tok = load_tokenizer(TextConfig(tokenizer="minilm"))
-    cfg = ModelConfig(VisionConfig("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=1,
-                                   num_heads=3),
-                      TextConfig(tokenizer="minilm", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-                      FusionConfig(hidden_size=32, num_layers=1, num_heads=2), ContrastiveHeadConfig(embed_dim=16))
+    cfg = tiny_model_config(width=32, vision_depth=1, text_layers=1, fusion_layers=1, fusion_heads=2)
     torch.manual_seed(1)
     source = build_model(cfg, {"ita": ItaConfig(queue_size=8)}, tok)
     sd = {k: v for k, v in source.state_dict().items() if not k.startswith("momentum.")}
