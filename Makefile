@@ -11,7 +11,7 @@ STAMP := $(VENV)/.requirements.stamp
 RUN_ENV := DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_SKIP_SHM_OP=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
            TOKENIZERS_PARALLELISM=false PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: venv demo demo-data ablation test clean-runs
+.PHONY: venv demo demo-data ablation finetune-demo test clean-runs
 
 venv: $(STAMP)
 
@@ -34,8 +34,24 @@ demo: demo-data
 ablation: demo-data
 	$(RUN_ENV) $(PY) train/ablation.py
 
+# Fine-tuning on every task's demo set, from the `make demo` checkpoint (run first if missing): image retrieval
+# (COCO Karpathy layout), video retrieval (MSRVTT layout), VQAv2 (official JSON), a few epochs each -> runs/finetune_demo
+FT := runs/finetune_demo
+finetune-demo: $(STAMP)
+	test -f runs/demo/checkpoints/latest || $(MAKE) demo
+	$(PY) datasets/task_demo.py --out data/demo_tasks
+	mkdir -p $(FT)
+	$(RUN_ENV) $(PY) train/convert_checkpoint.py to-finetune runs/demo $(FT)/init.safetensors
+	$(RUN_ENV) deepspeed train/finetune_retrieval.py --deepspeed_config ds_configs/cpu_demo.json \
+		--config train/configs/finetune/demo_coco_retrieval.yaml --init $(FT)/init.safetensors --output_dir $(FT)/coco_retrieval
+	$(RUN_ENV) deepspeed train/finetune_video_retrieval.py --deepspeed_config ds_configs/cpu_demo.json \
+		--config train/configs/finetune/demo_msrvtt_retrieval.yaml --init $(FT)/init.safetensors --output_dir $(FT)/msrvtt_retrieval
+	$(RUN_ENV) deepspeed train/finetune_vqa.py --deepspeed_config ds_configs/cpu_demo.json \
+		--config train/configs/finetune/demo_vqa.yaml --init $(FT)/init.safetensors --output_dir $(FT)/vqa
+	@for t in coco_retrieval msrvtt_retrieval vqa; do echo "== $$t: $(FT)/$$t/eval.json"; cat $(FT)/$$t/eval.json; done
+
 test: $(STAMP)
 	$(RUN_ENV) $(PY) -m pytest tests -q
 
 clean-runs:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/finetune_demo

@@ -4,7 +4,8 @@ A batch is a dict. The loaders build it with the constants below, the engine mov
 and the eval hook read it by these names. CONTRACT says, per key, its dtype, who produces it and what it means.
 Producers: "train" (datasets.loader's train loader, every batch), "eval" (its eval loader, every batch),
 "text_masker" (train batches, only when build_train_loader got a text_masker, i.e. data.mlm_probability is set),
-"engine" (added by the training engine to the train batch it is about to run).
+"engine" (added by the training engine to the train batch it is about to run), "task" / "task_eval" (the
+fine-tuning loaders' train / eval batches, datasets/task_loader.py; a task adds its own keys, e.g. VQA's targets).
 """
 from __future__ import annotations
 
@@ -24,10 +25,14 @@ MODALITY = "modality"
 SOURCE = "source"
 SAMPLE_KEYS = "__key__"
 CAPTION = "caption"
+IMAGE_IDS = "image_ids"
+INDEX = "index"
+VALID = "valid"
 
 STEP = "step"
 
 TRAIN, EVAL, TEXT_MASKER, ENGINE = "train", "eval", "text_masker", "engine"
+TASK, TASK_EVAL = "task", "task_eval"   # fine-tuning loaders (datasets/task_loader.py, datasets/task_sets.py)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,10 @@ CONTRACT: dict[str, Key] = {k.name: k for k in (
     Key(SOURCE, "int", (EVAL,), "index into data.eval; an eval batch is single-source"),
     Key(SAMPLE_KEYS, "list[str] (B)", (TRAIN, EVAL), "sample keys (webdataset __key__)"),
     Key(CAPTION, "list[str] (B)", (EVAL,), "cleaned caption strings (the retrieval ground truth)"),
+    Key(IMAGE_IDS, "int64 (B)", (TASK,), "retrieval fine-tuning: the sample's image; equal ids are ITC positives "
+        "and never ITM negatives"),
+    Key(INDEX, "int64 (B)", (TASK, TASK_EVAL), "positions of the rows in the task dataset (-1: padding)"),
+    Key(VALID, "bool (B)", (TASK_EVAL,), "False: a padding or bad-sample row whose outputs are ignored"),
     Key(STEP, "int", (ENGINE,), "engine.step when the batch's optimizer step runs (0 for the first): schedules "
         "inside objectives (ITA's alpha warmup)"),
 )}

@@ -207,16 +207,18 @@ class SampleDecoder:
             raise BadSample("non_utf8_caption") from None
         if not caption:
             raise BadSample("empty_caption")
+        return self.decode(data, rng), caption
+
+    def decode(self, data: bytes, rng: random.Random | None) -> torch.Tensor:
+        """Encoded image / video bytes -> uint8 (F, 3, H, W); BadSample on anything undecodable or oversize."""
         try:  # decoders raise a zoo of types (OSError, SyntaxError, DECORDError, ...) on broken bytes
             if self.modality == "image":
-                px = self.tf(data, rng)
-            else:
-                px = self.tf(decode_clip(data, self.num_frames, rng if self.train else None, self.max_pixels), rng)
+                return self.tf(data, rng)
+            return self.tf(decode_clip(data, self.num_frames, rng if self.train else None, self.max_pixels), rng)
         except TooLarge:  # more pixels than data.max_image_pixels: refused before decoding
             raise BadSample(f"oversize_{self.modality}") from None
         except Exception as exn:  # noqa: BLE001 - any decode failure makes the sample bad, not the run
             raise BadSample(f"bad_{self.modality}") from exn
-        return px, caption
 
 
 class _BadLog:

@@ -111,6 +111,9 @@ class StepContext:
         # MLM inputs masked by the data workers (data.mlm_probability), if they did.
         self.mlm_input_ids, self.mlm_labels = batch.get("mlm_input_ids"), batch.get("mlm_labels")
         self.step: Optional[int] = batch.get("step")   # the optimizer step being computed (set by the engine)
+        # fine-tuning retrieval: (B,) id of each sample's image; samples sharing one are positives of each other in
+        # ITC and never each other's ITM negatives (ALBEF's `idx`). None: every sample is its own image.
+        self.image_ids: Optional[torch.Tensor] = batch.get("image_ids")
         self.gather = model.gather
         self.values: dict[str, Any] = {}
 

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Launch logic shared by slurm/pretrain.sh and slurm/finetune.sh (sourced from the batch script, not run).
+# Launch logic shared by slurm/pretrain.sh and the slurm/finetune_<task>.sh scripts (sourced from the batch script, not run).
 #
 #   glscl_launch TRAIN_SCRIPT OUTPUT_DIR [ARGS...]
 #

@@ -126,10 +126,11 @@ def check_text(cfg, path: str) -> None:
         _fail(path, f"objectives.{masking[0]}", f"needs a mask token, but the tokenizer {name!r} has none")
 
 
-def check_run_inputs(cfg, path: str) -> None:
-    """What only a real run needs (presets ship placeholder paths that flops.py and the tests accept)."""
+def check_run_inputs(cfg, path: str, need_train_sources: bool = True) -> None:
+    """What only a real run needs (presets ship placeholder paths that flops.py and the tests accept).
+    need_train_sources False: a fine-tuning run, whose data the `task:` section names."""
     check_config(cfg, path)
-    if not cfg.data.train:
+    if need_train_sources and not cfg.data.train:
         _fail(path, "data.train", "is empty; a run needs at least one train source ({shards: <pattern>, modality: "
               "image|video})")
     vision, text = cfg.model.vision, cfg.model.text

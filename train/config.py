@@ -48,6 +48,9 @@ class TrainConfig:
     micro_batch_size: int = 8             # per rank, per forward pass
     global_batch_size: int = 8            # = micro_batch_size * accumulation * world_size
     max_steps: int = 1000                 # optimizer steps
+    # fine-tuning: train this many passes over the task's training set; max_steps is then derived from it
+    # (ceil(epochs x samples / global_batch_size)) and the value above is ignored
+    epochs: Optional[float] = None
     lr: float = 1e-4
     warmup_ratio: float = 0.05
     schedule: Literal["linear", "cosine"] = "cosine"
@@ -56,6 +59,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
     lr_multipliers: dict[str, float] = field(default_factory=dict)   # parameter-name prefix -> lr factor
+    # layer-wise LR decay (BEiT/ELECTRA style; null = off): in each tower, layer i of n gets a further factor
+    # layer_decay ** (n - i); its embeddings ** (n + 1); the fusion, heads and everything else keep 1
+    layer_decay: Optional[float] = None
     # which parameters skip weight decay: "ours" (biases, norms, position/class/temporal embeddings, temperatures,
     # mask tokens) or "official" (the released SCL code: biases and the text/fusion/MLM-head LayerNorms only)
     weight_decay_exclusions: Literal["ours", "official"] = "ours"
@@ -209,6 +215,7 @@ class Config:
     data: Any         # datasets.config.DataConfig
     train: TrainConfig
     name: str = "run"  # config file stem; names the default output dir
+    task: Any = None   # fine-tuning entry points: their `task:` section (the entry's dataclass)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -242,6 +249,8 @@ def _validate_train(t: TrainConfig) -> None:
     check(t.micro_batch_size > 0, "micro_batch_size", "must be > 0")
     check(t.global_batch_size > 0, "global_batch_size", "must be > 0")
     check(t.max_steps > 0, "max_steps", "must be > 0")
+    check(t.epochs is None or t.epochs > 0, "epochs", f"must be null or > 0, got {t.epochs}")
+    check(t.layer_decay is None or 0 < t.layer_decay <= 1, "layer_decay", f"must be null or in (0, 1], got {t.layer_decay}")
     check(t.lr > 0, "lr", "must be > 0")
     check(0 <= t.warmup_ratio <= 1, "warmup_ratio", "must be in [0, 1]")
     check(0 <= t.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
@@ -270,8 +279,8 @@ def _validate_train(t: TrainConfig) -> None:
     check(t.wandb.dir is None or t.wandb.dir.strip() != "", "wandb.dir", "must be a non-empty path")
 
 
-def load_config(path: str, overrides: list[str] = ()) -> Config:
-    """Read YAML `path`, apply dotted overrides, and validate into a Config. Errors: ConfigError 'path: key: msg'."""
+def load_tree(path: str, overrides: list[str] = ()) -> dict:
+    """Read YAML `path` and apply dotted overrides -> the raw config tree (not yet validated)."""
     try:
         with open(path) as f:
             tree = yaml.safe_load(f)
@@ -287,27 +296,50 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
     try:
         for text in overrides:
             apply_override(tree, *parse_override(text))
-        return config_from_dict(tree, name=os.path.splitext(os.path.basename(path))[0])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return tree
+
+
+def merge_tree(base: Any, over: Any) -> Any:
+    """`over` deep-merged onto `base` (mappings merge key by key; anything else in `over` replaces)."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge_tree(base[k], v) if k in base else v
+        return out
+    return over
+
+
+def load_config(path: str, overrides: list[str] = (), task_cls: Optional[type] = None,
+                tree: Optional[dict] = None) -> Config:
+    """Read YAML `path`, apply dotted overrides, and validate into a Config. Errors: ConfigError 'path: key: msg'.
+    task_cls: a fine-tuning entry's `task:` dataclass (the section is then allowed, objectives may be empty).
+    tree: an already loaded (and possibly merged) tree instead of reading `path` again."""
+    if tree is None:
+        tree = load_tree(path, overrides)
+    try:
+        return config_from_dict(tree, name=os.path.splitext(os.path.basename(path))[0], task_cls=task_cls)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def config_from_dict(tree: dict, name: str = "run") -> Config:
+def config_from_dict(tree: dict, name: str = "run", task_cls: Optional[type] = None) -> Config:
     # Imported here so that `train.config` can be loaded (e.g. for --help) without importing torch.
     from models.vlp import ModelConfig
     from models.objectives import OBJECTIVES
     from datasets.config import DataConfig
 
-    sections = {"model", "objectives", "data", "train"}
+    sections = ["model", "objectives", "data", "train"] + (["task"] if task_cls is not None else [])
     unknown = [k for k in tree if k not in sections]
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown top-level key (allowed: model, objectives, data, train)")
-    for s in ("model", "objectives", "data"):
+        raise ConfigError(f"{unknown[0]}: unknown top-level key (allowed: {', '.join(sections)})")
+    for s in ("model", "data") + (("objectives",) if task_cls is None else ()):
         if s not in tree:
             raise ConfigError(f"{s}: missing required section")
-    objectives_raw = tree["objectives"]
-    if not isinstance(objectives_raw, dict) or not objectives_raw:
-        raise ConfigError(f"objectives: expected a non-empty mapping of objective name -> settings")
+    objectives_raw = tree.get("objectives") or {}
+    if not isinstance(objectives_raw, dict) or not (objectives_raw or task_cls is not None):
+        raise ConfigError("objectives: expected a non-empty mapping of objective name -> settings")
     objectives = {}
     for obj_name, raw in objectives_raw.items():
         if obj_name not in OBJECTIVES:
@@ -320,12 +352,16 @@ def config_from_dict(tree: dict, name: str = "run") -> Config:
     _validate_train(train)
     if train.output_dir is None:
         train.output_dir = os.path.join("runs", name)
+    task = build_dataclass(task_cls, tree.get("task"), "task") if task_cls is not None else None
     return Config(model=build_dataclass(ModelConfig, tree["model"], "model"), objectives=objectives,
-                  data=build_dataclass(DataConfig, tree["data"], "data"), train=train, name=name)
+                  data=build_dataclass(DataConfig, tree["data"], "data"), train=train, name=name, task=task)
 
 
 def config_to_dict(cfg: Config) -> dict:
     """Plain dict of a Config (for saving next to a run and in checkpoints)."""
-    return {"model": dataclasses.asdict(cfg.model),
-            "objectives": {k: dataclasses.asdict(v) for k, v in cfg.objectives.items()},
-            "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train)}
+    out = {"model": dataclasses.asdict(cfg.model),
+           "objectives": {k: dataclasses.asdict(v) for k, v in cfg.objectives.items()},
+           "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train)}
+    if cfg.task is not None:
+        out["task"] = dataclasses.asdict(cfg.task)
+    return out

@@ -15,6 +15,8 @@ Run directory (`output_dir`):
   tensorboard/, wandb/   TensorBoard events, W&B files (rank 0; as train.loggers says)
   config.yaml            the validated run config
   checkpoints/latest     name of the newest complete checkpoint, written last and atomically
+  checkpoints/best       {"tag", "step", "metric", "value"} of the best evaluation so far (keep_best(metric)); its
+                         step_N tag is kept beside the latest ones
   checkpoints/step_N/    DeepSpeed model/optimizer/scheduler states + train_state_rank{R}.pt
                          ({"step", "world_size", "parts": {name: state}}, loadable with weights_only=True)
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import random
 import re
@@ -43,7 +46,7 @@ from train.optim import apply_hyperparameters, build_optimizer, build_scheduler
 
 CHECKPOINT_DIR = "checkpoints"
 # Config keys whose change on resume cannot be applied to the restored optimizer (its groups are built from them).
-RESUME_FIXED = ("train.lr_multipliers",)
+RESUME_FIXED = ("train.lr_multipliers", "train.layer_decay")
 
 
 class TrainingDiverged(RuntimeError):
@@ -265,6 +268,8 @@ class Engine:
         self.step = 0
         self.last_eval_step = -1
         self.last_save_step = -1
+        self.best_metric: Optional[str] = None   # keep_best(): the eval key whose maximum is kept
+        self.best: Optional[dict] = None         # {"tag", "step", "metric", "value"} of the best eval so far
         self._stop_requested = False
         self.ac_applied = apply_activation_checkpointing(model, train_cfg.activation_checkpointing)
         if hasattr(model, "set_gather"):
@@ -330,6 +335,11 @@ class Engine:
             raise TypeError(f"checkpoint part {name!r}: needs state_dict() and load_state_dict(state)")
         self._parts[name] = part
 
+    def keep_best(self, metric: str) -> None:
+        """After every evaluation whose `metric` (higher is better) beats the best so far, save a checkpoint at that
+        step (if none is) and name it in checkpoints/best; pruning keeps it beside the latest `keep_last`."""
+        self.best_metric = metric
+
     def add_after_step(self, fn: Callable[["Engine", bool], None]) -> None:
         """fn(engine, applied) runs on every rank after each optimizer step (engine.step already counts it),
         before logging, eval and save; applied is False for a skipped (non-finite) step. Registration order."""
@@ -386,7 +396,7 @@ class Engine:
                     window.reset()
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     self.evaluate()
-                if cfg.save_every and self.step % cfg.save_every == 0:
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.last_save_step != self.step:
                     saved = self.save()
         finally:
             bar.close()
@@ -522,12 +532,35 @@ class Engine:
             self.ds.train()
             set_rng_state(saved)
         self.last_eval_step = self.step
+        if self.best_metric is not None and result:
+            self._update_best(result)
         if result and self.dist.is_main:
             result = {"step": self.step, **result}
             self._log(result, "eval")
             shown = " ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float))
             print(f"\neval @ step {self.step}: {shown}", flush=True)
         return result
+
+    def _update_best(self, result: dict) -> None:
+        """Rank 0 judges (every rank computed the same result, but one decision is certain to agree)."""
+        value = result.get(self.best_metric)
+        if self.dist.is_main and not isinstance(value, (int, float)):
+            print(f"warning: the evaluation has no {self.best_metric!r} (keys: {', '.join(sorted(result))}); "
+                  "no best checkpoint is kept", flush=True)
+        better = (self.dist.is_main and isinstance(value, (int, float)) and math.isfinite(value)
+                  and (self.best is None or value > self.best["value"]))
+        if max_over_ranks(better, self.device) <= 0 or self.step == 0:
+            return
+        self.best = {"tag": f"step_{self.step}", "step": self.step, "metric": self.best_metric,
+                     "value": float(value) if self.dist.is_main else None}
+        if self.last_save_step != self.step:
+            self.save()   # (its pruning already spares the new best and lets the old one go)
+        else:
+            self._prune(keep=self.best["tag"]) if self.dist.is_main else None
+        if self.dist.is_main:
+            atomic_write_json(os.path.join(self.ckpt_dir, "best"), self.best)
+            print(f"\nnew best {self.best_metric} {value:.4f} at step {self.step} -> "
+                  f"{os.path.join(self.ckpt_dir, self.best['tag'])}", flush=True)
 
     def save(self) -> str:
         """Checkpoint on ALL ranks (ZeRO shards live on each). The tag's COMPLETE marker and then `latest` are
@@ -721,15 +754,20 @@ class Engine:
             if m and os.path.isdir(os.path.join(self.ckpt_dir, name)):
                 tags.append((int(m.group(1)), name))
         tags.sort()
+        best = self.best["tag"] if self.best else None
         for _, name in tags[:-self.cfg.keep_last]:
-            if name != keep:
+            if name not in (keep, best):
                 shutil.rmtree(os.path.join(self.ckpt_dir, name), ignore_errors=True)
 
     def _progress_state(self) -> dict:
-        return {"step": self.step, "last_eval_step": self.last_eval_step}
+        state = {"step": self.step, "last_eval_step": self.last_eval_step}
+        if self.best is not None:
+            state["best"] = dict(self.best)
+        return state
 
     def _load_progress(self, state: dict) -> None:
         self.step, self.last_eval_step = state["step"], state["last_eval_step"]
+        self.best = state.get("best")
         self.last_save_step = self.step
 
     @staticmethod

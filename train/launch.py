@@ -46,6 +46,8 @@ class Entry:
     prog: str                                          # as the user types it: "train/pretrain.py"
     description: str                                   # --help text (the script's docstring)
     build: Callable[[Any, Any], Built]                 # build(cfg, dist) -> Built, after seed_all(train.seed)
+    # fine-tuning entries (train/finetune.py): the `task:` section's dataclass; adds --init and --eval_only
+    task_config: Optional[type] = None
 
 
 class StopOnSignal:
@@ -97,6 +99,10 @@ def parse_args(entry: Entry, argv):
     p.add_argument("--config", required=True, help="run config YAML (train/configs/*.yaml)")
     p.add_argument("--output_dir", help="run directory (default: train.output_dir, else runs/<config name>)")
     p.add_argument("--max_steps", type=int, help="same as train.max_steps=N")
+    if entry.task_config is not None:
+        p.add_argument("--init", help="weights to fine-tune from: convert_checkpoint.py to-finetune output, a whole-"
+                       "model .safetensors or a DeepSpeed run/checkpoint dir (same as task.init=PATH)")
+        p.add_argument("--eval_only", action="store_true", help="evaluate --init and exit (same as task.eval_only=true)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # appended by the launcher
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)        # DeepSpeed convention; no-op
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides, values in YAML")
@@ -105,8 +111,9 @@ def parse_args(entry: Entry, argv):
     args, extras = p.parse_known_intermixed_args(argv)
     unknown = [a for a in extras if a.startswith("-")]
     if unknown:   # argparse would also list every argument after it; name just the option
+        extra = ", --init, --eval_only" if entry.task_config is not None else ""
         p.error(f"unrecognized option {unknown[0].split('=')[0]} (options: --deepspeed_config, --config, "
-                "--output_dir, --max_steps; config overrides are dotted.key=value)")
+                f"--output_dir, --max_steps{extra}; config overrides are dotted.key=value)")
     args.overrides = list(args.overrides) + extras
     return args
 
@@ -130,12 +137,31 @@ def prepare(entry: Entry, argv):
     except (OSError, UnicodeDecodeError) as e:   # a directory, no permission, a binary file
         raise ConfigError(f"{args.deepspeed_config}: cannot read DeepSpeed config: "
                           f"{getattr(e, 'strerror', None) or e}") from None
-    cfg = load_config(args.config, overrides)
+    if entry.task_config is None:
+        cfg = load_config(args.config, overrides)
+    else:   # fine-tuning: --init's model config underneath the file's model keys (train/finetune.py)
+        from train.config import load_tree
+        from train.finetune import resolve_tree
+        if args.init is not None:
+            overrides.append(f"task.init={json.dumps(args.init)}")
+        if args.eval_only:
+            overrides.append("task.eval_only=true")
+        try:
+            tree = resolve_tree(load_tree(args.config, overrides))
+        except ConfigError as e:
+            raise ConfigError(e if str(e).startswith(args.config) else f"{args.config}: {e}") from None
+        cfg = load_config(args.config, task_cls=entry.task_config, tree=tree)
     check_ds_config(ds_raw, args.deepspeed_config)
     world_size = env_world_size()
     ds_config = prepare_ds_config(ds_raw, cfg.train, world_size, path=args.deepspeed_config)
-    check_run_inputs(cfg, args.config)
-    check_data_sources(cfg, args.config, world_size)
+    check_run_inputs(cfg, args.config, need_train_sources=entry.task_config is None)
+    if entry.task_config is None:   # shards; a task's annotation files are checked by its section below
+        check_data_sources(cfg, args.config, world_size)
+    if entry.task_config is not None and callable(getattr(cfg.task, "check_files", None)):
+        try:
+            cfg.task.check_files()   # annotation files and media roots exist: one line naming the key
+        except ValueError as e:
+            raise ConfigError(f"{args.config}: {e}") from None
     return cfg, ds_config
 
 
@@ -191,6 +217,11 @@ def _run_locked(entry: Entry, cfg, ds_config, dist, engine_hook, stop):
     attach_momentum(engine)   # any model with momentum encoders / queues: EMA hook + checkpoint parts
     if built.setup is not None:
         built.setup(engine)   # checkpoint parts and after-step hooks exist before the resume reads them
+    if getattr(cfg.task, "eval_only", False):   # fine-tuning --eval_only: evaluate the --init weights, no training
+        stop_eval = stop or StopOnSignal()
+        stop_eval.attach(engine)
+        result = engine.evaluate() or {}
+        return {"step": 0, "stopped": False, "ranks_in_sync": None, "saved": None, "eval": result}
     engine.resume()
     if dist.is_main:
         atomic_write_bytes(os.path.join(t.output_dir, "config.yaml"),

@@ -25,8 +25,33 @@ def official_no_decay(model: torch.nn.Module) -> set[str]:
     return names
 
 
+_TOWERS = (("vision.", "vision.blocks.", ("vision.patch_embed.", "vision.pos_embed", "vision.cls_token",
+                                            "vision.temporal_embed")),
+           ("text.", "text.layers.", ("text.embeddings.",)))
+
+
+def layer_decay_factor(name: str, depths: dict[str, int], decay: float) -> float:
+    """train.layer_decay's factor for parameter `name`: tower layer i of n -> decay ** (n - i), the tower's
+    embeddings -> decay ** (n + 1), anything else (final norms, fusion, heads) -> 1."""
+    for tower, layers, embeddings in _TOWERS:
+        n = depths.get(tower)
+        if n is None or not name.startswith(tower):
+            continue
+        if name.startswith(layers):
+            return decay ** (n - int(name[len(layers):].split(".")[0]))
+        if name.startswith(embeddings):
+            return decay ** (n + 1)
+    return 1.0
+
+
+def _tower_depths(model: torch.nn.Module) -> dict[str, int]:
+    stacks = model.layer_stacks() if hasattr(model, "layer_stacks") else {}
+    return {f"{t}.": len(stacks[t]) for t in ("vision", "text") if t in stacks}
+
+
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Group trainable params by (weight decay on/off, lr multiplier); the longest matching name prefix wins."""
+    """Group trainable params by (weight decay on/off, lr multiplier); the longest matching name prefix wins, times
+    the layer-wise decay factor when train.layer_decay is set."""
     official = cfg.weight_decay_exclusions == "official"
     if official:
         no_wd = official_no_decay(model)
@@ -34,6 +59,7 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
         no_wd = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     prefixes = sorted(cfg.lr_multipliers, key=len, reverse=True)
     used = set()
+    depths = _tower_depths(model) if cfg.layer_decay is not None else {}
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -44,6 +70,8 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
                 mult = cfg.lr_multipliers[pre]
                 used.add(pre)
                 break
+        if cfg.layer_decay is not None:
+            mult *= layer_decay_factor(name, depths, cfg.layer_decay)
         decay = name not in no_wd if official else (p.ndim >= 2 and name not in no_wd)
         key = (decay, mult)
         if key not in groups:

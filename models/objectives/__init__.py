@@ -12,3 +12,4 @@ from models.objectives.mlm import MLM
 
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (ITC, ITA, ITM, MLM, MGSC, MLTC)}
 
+from models.tasks import retrieval as _rank  # noqa: E402,F401  registers "rank" (models/tasks/retrieval.py, its end)

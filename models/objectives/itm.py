@@ -86,6 +86,10 @@ class ITM(Objective):
             raise ValueError("ITM needs at least 2 samples per micro-batch to draw negatives")
         with torch.no_grad():
             same = (ids[:, None, :] == ids[None, :, :]).all(-1)  # identical captions (diagonal included)
+            img = getattr(ctx, "image_ids", None)
+            if img is not None:   # fine-tuning: another caption of the same image is no negative either
+                img = img.to(ids.device)
+                same |= img[:, None] == img[None, :]
             scores = ctx.get(ContrastiveScores) if self.cfg.hard_negatives else None
             neg_text = sample_negatives(None if scores is None else scores.i2t, same)
             neg_image = sample_negatives(None if scores is None else scores.t2i, same)

@@ -247,3 +247,33 @@ def test_mlm_uses_collator_masks_when_the_batch_has_them(model_factory, batch):
     torch.manual_seed(0)
     out2 = model({**batch, "mlm_input_ids": masked, "mlm_labels": labels})
     torch.testing.assert_close(out["losses"]["mlm"], out2["losses"]["mlm"])  # no device-side random masking
+
+
+def test_itc_with_image_ids_treats_every_caption_of_an_image_as_a_positive(model_factory, batch):
+    """Retrieval fine-tuning (ALBEF's idx): samples 0 and 2 show one image, so each row's target is split evenly
+    over its positives; without ids the same batch is the plain one-positive loss."""
+    model = model_factory(objectives={"itc": ItcConfig()}).eval()
+    b = batch()
+    zi = model.embed_image(b["pixel_values"])
+    zt = model.embed_text(b["input_ids"], b["attention_mask"])
+    logits = zi @ zt.T / 0.07
+    targets = torch.tensor([[.5, 0, .5, 0], [0, 1, 0, 0], [.5, 0, .5, 0], [0, 0, 0, 1]])
+    want = (-(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    got = model({**b, "image_ids": torch.tensor([7, 3, 7, 5])})["losses"]["itc"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    plain = model({**b, "image_ids": torch.tensor([0, 1, 2, 3])})["losses"]["itc"]
+    torch.testing.assert_close(plain, model(b)["losses"]["itc"], rtol=1e-5, atol=1e-6)
+
+
+def test_itm_never_draws_another_caption_of_the_same_image_as_a_negative(model_factory, batch, monkeypatch):
+    import models.objectives.itm as itm_mod
+
+    seen = []
+    real = itm_mod.sample_negatives
+    monkeypatch.setattr(itm_mod, "sample_negatives", lambda sim, forbidden: seen.append(forbidden.clone()) or
+                        real(sim, forbidden))
+    model = model_factory(objectives={"itc": ItcConfig(), "itm": ItmConfig()})
+    model({**batch(), "image_ids": torch.tensor([4, 4, 9, 4])})
+    ids = torch.tensor([4, 4, 9, 4])
+    same = ids[:, None] == ids[None, :]
+    assert len(seen) == 2 and all((f | ~same).all() for f in seen)   # every same-image pair is forbidden

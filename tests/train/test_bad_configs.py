@@ -323,9 +323,35 @@ def test_every_objective_config_rejects_a_negative_weight():
 
 def test_shipped_presets_pass_the_cross_section_checks():
     from train.checks import check_config
-    for name in sorted(os.listdir(REPO_ROOT / "train" / "configs")):
+    for name in sorted(n for n in os.listdir(REPO_ROOT / "train" / "configs") if n.endswith(".yaml")):
         path = str(REPO_ROOT / "train" / "configs" / name)
         check_config(load_config(path), path)
+
+
+def test_shipped_finetune_configs_pass_the_checks_on_top_of_their_pretraining_model():
+    """Each fine-tune config merged over the model it is meant for (--init's): the demo ones over demo.yaml's, the
+    official recipes over glscl_4m's (msrvtt / lsmdc over the video preset's)."""
+    import yaml
+
+    from train.checks import check_config
+    from train.config import load_tree, merge_tree
+    from train.finetune_retrieval import RetrievalTask
+    from train.finetune_video_retrieval import VideoRetrievalTask
+    from train.finetune_vqa import VqaTask
+
+    folder = REPO_ROOT / "train" / "configs" / "finetune"
+    names = sorted(os.listdir(folder))
+    assert {"coco_retrieval.yaml", "flickr_retrieval.yaml", "msrvtt_retrieval.yaml", "vqav2.yaml"} <= set(names)
+    for name in names:
+        video = "msrvtt" in name or "lsmdc" in name
+        base = "demo" if name.startswith("demo_") else "glscl_4m_video" if video else "glscl_4m"
+        with open(REPO_ROOT / "train" / "configs" / f"{base}.yaml") as f:
+            model = yaml.safe_load(f)["model"]
+        path = str(folder / name)
+        tree = load_tree(path)
+        tree["model"] = merge_tree(model, tree.get("model") or {})
+        task = VqaTask if "vqa" in name else VideoRetrievalTask if video else RetrievalTask
+        check_config(load_config(path, task_cls=task, tree=tree), path)
 
 
 def test_text_model_sizes_of_a_pretrained_directory(tmp_path):
