@@ -233,3 +233,34 @@ def test_crash_or_stop_without_progress_is_not_requeued(slurm_cluster, tmp_path,
     log = _log(out, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == f"{status}:0", (info, log)
     assert info["Restarts"] == "0" and says in log and "requeueing job" not in log, log
+
+
+def test_sbatch_finetune_vqa_two_tasks(slurm_cluster, tmp_path):
+    """slurm/finetune_vqa.sh (INIT from the environment) fine-tunes the tiny model on 2 tasks through the same
+    launch logic as pretraining and writes the evaluation and the EvalAI file."""
+    from datasets.task_demo import generate
+    from tests.train.conftest import write_tiny_init
+
+    root = tmp_path / "tasks"
+    generate(str(root), coco_train=16, coco_restval=2, coco_val=4, coco_test=4, msrvtt_train=2, msrvtt_test=2,
+             vqa_train=24, vqa_val=8, vqa_testdev=4, testdev_images=2)
+    init = write_tiny_init(tmp_path / "init.safetensors")
+    v, img = f"{root}/vqa", f"{root}/coco/images"
+    out = tmp_path / "run"
+    job = slurm_cluster.sbatch(
+        "--nodes=1", "--ntasks-per-node=2", *CPU_FLAGS, f"--output={tmp_path}/sbatch-%j.out", "slurm/finetune_vqa.sh",
+        f"task.train=[{{questions: {v}/v2_OpenEnded_mscoco_train2014_questions.json, annotations: "
+        f"{v}/v2_mscoco_train2014_annotations.json, image_root: {img}/train2014}}]",
+        f"task.eval={{questions: {v}/v2_OpenEnded_mscoco_val2014_questions.json, annotations: "
+        f"{v}/v2_mscoco_val2014_annotations.json, image_root: {img}/val2014}}",
+        f"task.test={{questions: {v}/v2_OpenEnded_mscoco_test-dev2015_questions.json, image_root: {img}/test2015, "
+        "image_pattern: 'COCO_test2015_{image_id:012d}.jpg'}", "task.vocab_min_count=1", "data.image_size=32",
+        "model.vision.img_size=32", "data.num_workers=0", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "train.epochs=1", "train.check_ranks_in_sync=true",
+        env={**TRAIN_ENV, "CONFIG": "train/configs/finetune/demo_vqa.yaml", "OUTPUT_DIR": str(out), "INIT": init})
+    info = slurm_cluster.wait_gone(job, timeout=150)
+    log = _log(out, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-3000:])
+    assert "task.init" in log and "ranks in sync: True" in log, log[-3000:]
+    assert json.loads((out / "eval.json").read_text())["vqa_num_scored"] == 8
+    assert len(json.loads((out / "vqa_test_predictions.json").read_text())) == 4

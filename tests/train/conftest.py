@@ -53,3 +53,24 @@ def tiny_model_config(width: int = 64, vision_depth: int = 2, text_layers: int =
                                   intermediate_size=2 * width),
                        FusionConfig(hidden_size=width, num_layers=fusion_layers, num_heads=fusion_heads),
                        ContrastiveHeadConfig(**{"embed_dim": 16, **itc}))
+
+
+def write_tiny_init(path) -> str:
+    """What `convert_checkpoint.py to-finetune` writes for a tiny ITC+ITM model (32 px, 8 px patches, 4 frames)."""
+    import dataclasses
+
+    import torch
+
+    from models.objectives.itc import ItcConfig
+    from models.objectives.itm import ItmConfig
+    from models.text import load_tokenizer
+    from models.vlp import build_model
+    from models.weights import save_weights
+
+    cfg = tiny_model_config()
+    cfg.vision.max_frames = 4
+    torch.manual_seed(0)
+    model = build_model(cfg, {"itc": ItcConfig(), "itm": ItmConfig()}, load_tokenizer(cfg.text))
+    config = {"model": dataclasses.asdict(cfg), "objectives": {"itc": {}, "itm": {}}, "data": {"num_frames": 1}}
+    save_weights(model.state_dict(), str(path), {"kind": "vlp", "config": config})
+    return str(path)
