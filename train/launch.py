@@ -249,6 +249,19 @@ def _say(msg: str, rank_zero_only: bool) -> None:
     print(f"{prefix}error: {msg}", file=sys.stderr, flush=True)
 
 
+def shutdown_distributed() -> None:
+    """After a run that ended normally on every rank (finished, or stopped after the save): a barrier, then the
+    process group destroyed while the interpreter is whole. A multi-rank gloo process that exits with its group alive
+    can abort in the group's destructor at interpreter exit ("terminate called without an active exception", rc -6;
+    pytorch/pytorch#190489). Single-process runs keep their group (tests run several in one process). Not called on
+    errors: the other ranks may be blocked in a collective, and the barrier would hang."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(entry: Entry, argv=None, run_fn=None) -> int:
     """0: finished; 2: bad config or input; 3: diverged; EXIT_STOPPED (75): stopped by SIGUSR1/SIGTERM (or the
     launcher's death) after saving a checkpoint. `run_fn(cfg, ds_config, stop=...)` replaces run(entry, ...)
@@ -277,6 +290,7 @@ def main(entry: Entry, argv=None, run_fn=None) -> int:
         except TrainingDiverged as e:
             _say(str(e), rank_zero_only=True)
             return EXIT_DIVERGED
+        shutdown_distributed()
     finally:
         stop.restore()
     if result.get("stopped"):
