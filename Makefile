@@ -35,7 +35,8 @@ ablation: demo-data
 	$(RUN_ENV) $(PY) train/ablation.py
 
 # Fine-tuning on every task's demo set, from the `make demo` checkpoint (run first if missing): image retrieval
-# (COCO Karpathy layout), video retrieval (MSRVTT layout), VQAv2 (official JSON), a few epochs each -> runs/finetune_demo
+# (COCO Karpathy layout), video retrieval (MSRVTT layout), VQAv2 (official JSON), NLVR2 (jsonl), SNLI-VE (jsonl),
+# RefCOCO+ grounding (ALBEF layout + dets.json), a few epochs each -> runs/finetune_demo
 FT := runs/finetune_demo
 finetune-demo: $(STAMP)
 	test -f runs/demo/checkpoints/latest || $(MAKE) demo
@@ -48,7 +49,14 @@ finetune-demo: $(STAMP)
 		--config train/configs/finetune/demo_msrvtt_retrieval.yaml --init $(FT)/init.safetensors --output_dir $(FT)/msrvtt_retrieval
 	$(RUN_ENV) deepspeed train/finetune_vqa.py --deepspeed_config ds_configs/cpu_demo.json \
 		--config train/configs/finetune/demo_vqa.yaml --init $(FT)/init.safetensors --output_dir $(FT)/vqa
-	@for t in coco_retrieval msrvtt_retrieval vqa; do echo "== $$t: $(FT)/$$t/eval.json"; cat $(FT)/$$t/eval.json; done
+	$(RUN_ENV) deepspeed train/finetune_nlvr2.py --deepspeed_config ds_configs/cpu_demo.json \
+		--config train/configs/finetune/demo_nlvr2.yaml --init $(FT)/init.safetensors --output_dir $(FT)/nlvr2
+	$(RUN_ENV) deepspeed train/finetune_snli_ve.py --deepspeed_config ds_configs/cpu_demo.json \
+		--config train/configs/finetune/demo_snli_ve.yaml --init $(FT)/init.safetensors --output_dir $(FT)/snli_ve
+	$(RUN_ENV) deepspeed train/finetune_grounding.py --deepspeed_config ds_configs/cpu_demo.json \
+		--config train/configs/finetune/demo_grounding.yaml --init $(FT)/init.safetensors --output_dir $(FT)/grounding
+	@for t in coco_retrieval msrvtt_retrieval vqa nlvr2 snli_ve grounding; do \
+		echo "== $$t: $(FT)/$$t/eval.json"; cat $(FT)/$$t/eval.json; done
 
 test: $(STAMP)
 	$(RUN_ENV) $(PY) -m pytest tests -q

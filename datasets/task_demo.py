@@ -48,7 +48,7 @@ from datasets.demo_data import (COLORS, RELATIONS, SHAPES, _caption_of, _clip_sp
                                 _rng, _write_atomic, encode_mp4, make_clip, make_scene)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: nlvr2/, snli_ve/ (datasets/demo_pairs.py) and grounding/ (datasets/demo_grounding.py)
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 assert set(INVERSE) == set(RELATIONS)
 
@@ -80,6 +80,13 @@ class TaskDemoArgs:
     vqa_testdev: int = 32       # over testdev_images test2015 images
     testdev_images: int = 12
     jpeg_quality: int = 90
+    nlvr2_train: int = 100      # image pairs (two statements each) per NLVR2 split
+    nlvr2_dev: int = 32
+    nlvr2_test: int = 32
+    snli_ve_train: int = 100    # images (one hypothesis per label each) per SNLI-VE split
+    snli_ve_dev: int = 32
+    snli_ve_test: int = 32
+    grounding: bool = True      # the RefCOCO+-layout grounding set (fixed size: datasets/demo_grounding.py)
 
 
 # ------------------------------------------------------------------------------------------------------- writing
@@ -524,6 +531,16 @@ def generate(out_dir: str | os.PathLike, *, force: bool = False, verbose: bool =
     vqa_junk = write_vqa(files, args, coco_plan, metas)
     if verbose:
         print(f"  vqa: {args.vqa_train} / {args.vqa_val} / {args.vqa_testdev} questions", flush=True)
+    from datasets.demo_grounding import write_grounding
+    from datasets.demo_pairs import write_pairs
+    parts = write_pairs(out, args, args.seed, **{f"{t}_{sp}": getattr(args, f"{t}_{sp}") for t in ("nlvr2", "snli_ve")
+                                                for sp in ("train", "dev", "test")})
+    if args.grounding:
+        parts["grounding"] = write_grounding(out, args.seed, args.image_size)
+    if verbose:
+        print(f"  nlvr2, snli_ve{', grounding' if args.grounding else ''}", flush=True)
+    for part in parts.values():
+        files.sizes.update(part.pop("files"))
     missing_img = next(im for im in coco_plan["images"] if im["split"] == "missing")
     man = {
         "version": FORMAT_VERSION,
@@ -549,6 +566,7 @@ def generate(out_dir: str | os.PathLike, *, force: bool = False, verbose: bool =
             "vqa_train": f"question {vqa_junk.get('train')} has an empty question string",
         },
         "expected": _expected(args),
+        **parts,   # nlvr2 / snli_ve / grounding: each its annotations, counts, junk and expected reader counts
         "files": dict(sorted(files.sizes.items())),
     }
     files.write(MANIFEST, json.dumps(man, indent=1, sort_keys=True).encode())

@@ -175,8 +175,10 @@ class VLPBackbone(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.fusion.project_text(self.text(input_ids, attention_mask))
 
-    def fuse(self, text: torch.Tensor, text_mask: torch.Tensor, image: ImageTokens, **kw) -> FusionOutput:
-        return self.fusion(text, text_mask, image.tokens, image.num_frames, **kw)
+    def fuse(self, text: torch.Tensor, text_mask: torch.Tensor, image: ImageTokens, image_token_type: int = 1,
+             **kw) -> FusionOutput:
+        """image_token_type: the image's modality-type row (1; NLVR2's second image 2, model.fusion.num_token_types)."""
+        return self.fusion(text, text_mask, image.tokens, image.num_frames, image_token_type=image_token_type, **kw)
 
     def _need(self, head: str) -> None:
         if head not in self.heads:

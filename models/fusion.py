@@ -26,6 +26,8 @@ class FusionConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
+    # modality-type embedding rows: text 0, image 1; NLVR2 adds 2 for the second image (SCL's third type)
+    num_token_types: int = 2
 
     def validate(self) -> None:
         for name in ("hidden_size", "num_heads"):
@@ -42,6 +44,8 @@ class FusionConfig:
             raise ValueError(f"model.fusion.dropout must be in [0, 1), got {self.dropout}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"model.fusion.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        if self.num_token_types < 2:
+            raise ValueError(f"model.fusion.num_token_types must be >= 2 (text, image), got {self.num_token_types}")
 
 
 class Attention(nn.Module):
@@ -136,10 +140,12 @@ class FusionEncoder(nn.Module):
         cfg.validate()
         d = cfg.hidden_size
         self.hidden_size = d
-        # Per-modality input transforms ("cross_modal_*_transform") and modality-type embeddings (text 0, image 1).
+        # Per-modality input transforms ("cross_modal_*_transform") and modality-type embeddings (text 0, image 1,
+        # more image types with cfg.num_token_types > 2: NLVR2's second image is type 2).
         self.text_in = nn.Linear(text_dim, d)
         self.image_in = nn.Linear(vision_dim, d)
-        self.token_type = nn.Embedding(2, d)
+        self.num_token_types = cfg.num_token_types
+        self.token_type = nn.Embedding(cfg.num_token_types, d)
         self.layers = nn.ModuleList(CoAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.text_pooler = nn.Sequential(nn.Linear(d, d), nn.Tanh())
         self.image_pooler = nn.Sequential(nn.Linear(d, d), nn.Tanh())
@@ -153,8 +159,9 @@ class FusionEncoder(nn.Module):
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, num_frames: int,
                 image_mask: Optional[torch.Tensor] = None, return_attention: bool = False,
-                text_out: str = "all", image_out: str = "all") -> FusionOutput:
+                text_out: str = "all", image_out: str = "all", image_token_type: int = 1) -> FusionOutput:
         """text/image: projected tokens from project_text/project_image; text_mask (B, Lt) 1 = real token.
+        image_token_type: the image tokens' type row (text is always 0): 1, or 2.. with num_token_types > 2.
 
         text_out / image_out say which last-layer outputs the caller reads: "all" tokens, only the "cls" token(s)
         (the frame CLS tokens for video), or "none". The last layer computes only those (ITM reads only CLS
@@ -164,8 +171,11 @@ class FusionEncoder(nn.Module):
         # queries of the last layer: -1 = all tokens, 0 = skip the stream, n = the first n tokens
         tq = {"all": -1, "cls": 1, "none": 0}[text_out]
         vq = {"all": -1, "cls": num_frames, "none": 0}[image_out]
-        types = self.token_type(torch.arange(2, device=text.device))
-        t, v = text + types[0], image + types[1]
+        if not (isinstance(image_token_type, int) and 1 <= image_token_type < self.num_token_types):
+            raise ValueError(f"image_token_type must be in [1, {self.num_token_types}) (model.fusion.num_token_types "
+                             f"{self.num_token_types}), got {image_token_type!r}")
+        types = self.token_type(torch.arange(self.num_token_types, device=text.device))
+        t, v = text + types[0], image + types[image_token_type]
         t_mask = text_mask.bool()
         v_mask = None if image_mask is None else image_mask.bool()
         t2v_maps, v2t_maps = [], []

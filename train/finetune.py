@@ -104,8 +104,10 @@ def load_init(model, path: Optional[str], new_prefixes: tuple[str, ...] = ("head
     """Load `path` into `model` strictly (see the module docstring); returns {"new", "dropped", "changes"}.
 
     new_prefixes: the task's own parameters, which the file may lack (they keep their fresh init); momentum copies
-    the file lacks start as copies of its online weights. Any other missing key, or a shape that cannot be resampled,
-    is a ConfigError naming it."""
+    the file lacks start as copies of its online weights. A model with more modality types than the file
+    (model.fusion.num_token_types: NLVR2's 3) keeps the file's token-type rows and starts the new ones as copies of
+    its image row (1), as SCL does. Any other missing key, or a shape that cannot be resampled, is a ConfigError
+    naming it."""
     if path is None:
         if verbose:
             print("task.init not set: every weight starts from its fresh init", flush=True)
@@ -141,6 +143,14 @@ def load_init(model, path: Optional[str], new_prefixes: tuple[str, ...] = ("head
             except WeightsError as e:
                 raise ConfigError(f"task.init: {path}: {key}: {e}") from None
             changes.append(f"{key} {tuple(sd[key].shape)}")
+    for key in ("fusion.token_type.weight", "momentum.copies.fusion.token_type.weight"):
+        # more modality types than the file has (NLVR2's second image): the file's rows kept, the new rows copied
+        # from its image row (1), as SCL does; fewer rows than the file's stay a shape error below
+        if key in sd and key in own and sd[key].dim() == own[key].dim() == 2 and sd[key].shape[0] >= 2 \
+                and sd[key].shape[1] == own[key].shape[1] and sd[key].shape[0] < own[key].shape[0]:
+            old, n = sd[key], own[key].shape[0]
+            sd[key] = torch.cat([old, old[1:2].expand(n - old.shape[0], -1)])
+            changes.append(f"{key.removesuffix('.weight')} {old.shape[0]} -> {n} rows (new rows from the image row)")
     for k in own:
         if k not in sd and online_key(k) in sd:
             sd[k] = sd[online_key(k)]

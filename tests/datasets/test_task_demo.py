@@ -92,10 +92,12 @@ def test_manifest_lists_every_annotation_file(demo):
         assert rel in man["files"] and os.path.isfile(os.path.join(root, rel))
     assert sorted(man["counts"]) == ["captions_per_image", "coco_images", "msrvtt_videos", "vqa_questions"]
     # the sizes the brief asked for (defaults), counted here from the image / video files themselves
-    jpgs = Counter(rel.split("/")[2] for rel in man["files"] if rel.endswith(".jpg"))
+    jpgs = Counter(rel.split("/")[2] for rel in man["files"] if rel.startswith("coco/") and rel.endswith(".jpg"))
     assert jpgs == {"train2014": A.coco_train, "val2014": A.coco_restval + A.coco_val + A.coco_test,
                     "test2015": A.testdev_images}
     assert sum(rel.endswith(".mp4") for rel in man["files"]) == A.msrvtt_train + A.msrvtt_test
+    for part, top in (("nlvr2", "nlvr2/"), ("snli_ve", "snli_ve/"), ("grounding", "grounding/")):   # the other writers
+        assert part in man and any(rel.startswith(top) for rel in man["files"]), part
 
 
 def test_readers_read_the_demo_with_the_expected_skips(demo):

@@ -335,13 +335,17 @@ def test_shipped_finetune_configs_pass_the_checks_on_top_of_their_pretraining_mo
 
     from train.checks import check_config
     from train.config import load_tree, merge_tree
+    from train.finetune_grounding import GroundingTask
+    from train.finetune_nlvr2 import Nlvr2Task
     from train.finetune_retrieval import RetrievalTask
+    from train.finetune_snli_ve import SnliVeTask
     from train.finetune_video_retrieval import VideoRetrievalTask
     from train.finetune_vqa import VqaTask
 
     folder = REPO_ROOT / "train" / "configs" / "finetune"
     names = sorted(os.listdir(folder))
-    assert {"coco_retrieval.yaml", "flickr_retrieval.yaml", "msrvtt_retrieval.yaml", "vqav2.yaml"} <= set(names)
+    assert {"coco_retrieval.yaml", "flickr_retrieval.yaml", "msrvtt_retrieval.yaml", "vqav2.yaml", "nlvr2.yaml",
+            "snli_ve.yaml", "refcoco_grounding.yaml"} <= set(names)
     for name in names:
         video = "msrvtt" in name or "lsmdc" in name
         base = "demo" if name.startswith("demo_") else "glscl_4m_video" if video else "glscl_4m"
@@ -350,7 +354,9 @@ def test_shipped_finetune_configs_pass_the_checks_on_top_of_their_pretraining_mo
         path = str(folder / name)
         tree = load_tree(path)
         tree["model"] = merge_tree(model, tree.get("model") or {})
-        task = VqaTask if "vqa" in name else VideoRetrievalTask if video else RetrievalTask
+        task = next((cls for key, cls in (("vqa", VqaTask), ("nlvr2", Nlvr2Task), ("snli_ve", SnliVeTask),
+                                           ("grounding", GroundingTask)) if key in name),
+                    VideoRetrievalTask if video else RetrievalTask)
         check_config(load_config(path, task_cls=task, tree=tree), path)
 
 
