@@ -33,7 +33,8 @@ file is not on disk; its captions are dropped). Entries outside the selected spl
 not the layout at all (unreadable, not JSON, wrong top-level type, a csv without the expected columns) raises
 ValueError("<path>: <what is wrong>"), one line. Captions are kept as written, whitespace collapsed. Media are in
 order of first appearance, texts grouped by media (each media's captions in file order).
-This module knows no model and no training code.
+media_root "shards:PATTERN" reads the media from webdataset shards instead (datasets/shard_media.py: found by the
+basename of their annotation path). This module knows no model and no training code.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Union
+
+from .shard_media import SHARDS_PREFIX, ShardIndex, is_shards, shard_index as _shard_index
 
 FORMATS = ("albef", "karpathy", "lsmdc", "msrvtt")
 MODALITIES = ("image", "video")
@@ -58,12 +61,13 @@ MSRVTT_EXT = ".mp4"
 
 @dataclass
 class RetrievalSet:
-    media: list[str]                  # absolute paths, one per image / video
+    media: list[str]                  # absolute paths, one per image / video ("shards:NAME" from shards)
     modality: str                     # "image" | "video"
     texts: list[str]                  # every usable caption
     txt2media: list[int]              # text index -> media index
     media_ids: list[int]              # media index -> id; equal ids = the same picture (ALBEF's img_id)
     skipped: dict[str, int] = field(default_factory=dict)   # reason -> count
+    shard_index: Optional[ShardIndex] = None   # where "shards:NAME" media are (media_root "shards:PATTERN")
 
     @property
     def media2txt(self) -> list[list[int]]:
@@ -433,10 +437,15 @@ def _read_lsmdc(paths: list[str], root: str, skipped: Counter) -> _Builder:
 
 # ---------------------------------------------------------------------------------------------------------- entry
 def read_retrieval(fmt: str, annotations: Union[str, list[str]], media_root: str,
-                   split: Union[str, list[str], None] = None, modality: Optional[str] = None) -> RetrievalSet:
+                   split: Union[str, list[str], None] = None, modality: Optional[str] = None,
+                   shard_index: Optional[ShardIndex] = None) -> RetrievalSet:
     """Read a retrieval split (see the module docstring). modality None: the format's own (image for albef /
     karpathy, video for msrvtt / lsmdc). Raises ValueError (one line) for an unknown format, a bad argument or a
-    file that is not the format's layout."""
+    file that is not the format's layout.
+
+    media_root "shards:PATTERN": the media are read from webdataset shards (datasets/shard_media.py) and found by the
+    basename of their annotation path; `media` holds "shards:BASENAME", `shard_index` the index (built once per
+    pattern, or the one given), and missing_media counts the names no shard holds."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown retrieval annotation format {fmt!r}; known: {', '.join(FORMATS)}")
     modality = DEFAULT_MODALITY[fmt] if modality is None else modality
@@ -463,4 +472,18 @@ def read_retrieval(fmt: str, annotations: Union[str, list[str]], media_root: str
     else:
         b = _read_lsmdc(paths, root, skipped)
         resolve = lambda clip, _path: lsmdc_resolve(root, clip)  # noqa: E731
-    return b.build(modality, skipped, resolve)
+    if not is_shards(root):
+        return b.build(modality, skipped, resolve)
+    try:
+        index = shard_index if shard_index is not None else _shard_index(root[len(SHARDS_PREFIX):])
+    except FileNotFoundError as e:
+        raise ValueError(f"media_root {root!r}: {e}") from None
+
+    def in_shards(key: str, path: str) -> Optional[str]:
+        names = [os.path.basename(p) for p in lsmdc_candidates(root, key)] if fmt == "lsmdc" else [
+            os.path.basename(path)]
+        return next((SHARDS_PREFIX + n for n in names if n in index), None)
+
+    rset = b.build(modality, skipped, in_shards)
+    rset.shard_index = index
+    return rset

@@ -30,6 +30,8 @@ from .batch import INDEX, VALID
 from .config import DataConfig
 from .loader import (LOG_FIRST_BAD, BadSample, BadSampleTooMany, LoaderStateMismatch, SampleDecoder,
                      _ignore_stop_signals, _start_workers)
+from .shard_media import SHARDS_PREFIX, ShardIndex
+from .shards import TarError
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +47,27 @@ class TaskDataset(Protocol):
 
 class MediaReader:
     """A media file -> uint8 (F, 3, H, W) through the pretraining decoders (data.image_size, data.num_frames,
-    crop, flip, RandAugment in training); BadSample("missing_image" / "bad_image" / "oversize_image" / ...)."""
+    crop, flip, RandAugment in training); BadSample("missing_image" / "bad_image" / "oversize_image" / ...).
+    A path "shards:NAME" is read from `shard_index` (datasets/shard_media.py; a name it lacks is missing_<modality>,
+    a shard broken at that sample bad_<modality>)."""
 
-    def __init__(self, cfg: DataConfig, train: bool):
+    def __init__(self, cfg: DataConfig, train: bool, shard_index: Optional[ShardIndex] = None):
         self.decoders = {m: SampleDecoder(cfg, m, train) for m in ("image", "video")}
+        self.shard_index = shard_index
 
     def __call__(self, path: str, modality: str, rng: Optional[random.Random]) -> torch.Tensor:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError:
+            if path.startswith(SHARDS_PREFIX):
+                if self.shard_index is None:
+                    raise ValueError(f"{path!r}: a shards: media path needs the set's shard_index")
+                data = self.shard_index.read(path[len(SHARDS_PREFIX):])
+            else:
+                with open(path, "rb") as f:
+                    data = f.read()
+        except (OSError, KeyError):
             raise BadSample(f"missing_{modality}") from None
+        except TarError:
+            raise BadSample(f"bad_{modality}") from None
         return self.decoders[modality].decode(data, rng)
 
 

@@ -27,7 +27,7 @@ def _pixels(samples: list[dict], cfg: DataConfig, modality: str) -> dict:
 class RetrievalPairs:
     def __init__(self, rset, cfg: DataConfig, tokenizer, train: bool = True):
         self.rset, self.cfg, self.tokenizer = rset, cfg, tokenizer
-        self.read = MediaReader(cfg, train)
+        self.read = MediaReader(cfg, train, getattr(rset, "shard_index", None))
 
     def __len__(self) -> int:
         return len(self.rset.texts)
@@ -48,7 +48,7 @@ class RetrievalPairs:
 class MediaSet:
     def __init__(self, rset, cfg: DataConfig):
         self.rset, self.cfg = rset, cfg
-        self.read = MediaReader(cfg, train=False)
+        self.read = MediaReader(cfg, train=False, shard_index=getattr(rset, "shard_index", None))
 
     def __len__(self) -> int:
         return len(self.rset.media)

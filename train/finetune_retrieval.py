@@ -31,14 +31,24 @@ from train import finetune, launch  # noqa: E402
 class AnnotationSource:
     format: Literal["albef", "karpathy", "msrvtt", "lsmdc"]
     annotations: list[str]                # the annotation file(s) of the format (msrvtt train: [data json, csv])
-    media_root: str                       # the directory the annotations' image / video paths are relative to
+    # the directory the annotations' image / video paths are relative to, or "shards:PATTERN" (webdataset shards,
+    # e.g. make_shards.py's or img2dataset's; media found by the basename of their path: datasets/shard_media.py)
+    media_root: str
     split: Optional[list[str]] = None     # karpathy: e.g. [train, restval] or [test]
 
     def check(self, where: str) -> None:
+        from datasets.shard_media import SHARDS_PREFIX
+        from datasets.shards import expand_shards
+
         for i, path in enumerate(self.annotations):
             if not os.path.isfile(path):
                 raise ValueError(f"{where}.annotations[{i}]: no such file {path!r}")
-        if not os.path.isdir(self.media_root):
+        if self.media_root.startswith(SHARDS_PREFIX):
+            try:
+                expand_shards(self.media_root[len(SHARDS_PREFIX):])
+            except FileNotFoundError as e:
+                raise ValueError(f"{where}.media_root: {e}") from None
+        elif not os.path.isdir(self.media_root):
             raise ValueError(f"{where}.media_root: no such directory {self.media_root!r}")
 
 
@@ -82,9 +92,14 @@ def read_source(src: AnnotationSource, modality: str, what: str):
         raise ConfigError(f"{what}: {e}") from None
     if not rset.texts:
         raise ConfigError(f"{what}: no usable caption in {src.annotations} (skipped: {dict(rset.skipped)})")
-    if rset.skipped and os.environ.get("RANK", "0") == "0":
-        print(f"{what}: {len(rset.media)} {modality}s, {len(rset.texts)} captions; skipped {dict(rset.skipped)}",
-              flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        if rset.shard_index is not None:
+            ix = rset.shard_index
+            print(f"{what}: {len(ix)} media names indexed in {len(ix.urls)} shards of {src.media_root!r} "
+                  f"({ix.duplicates} duplicate names, first kept; {len(ix.broken)} broken shards)", flush=True)
+        if rset.skipped:
+            print(f"{what}: {len(rset.media)} {modality}s, {len(rset.texts)} captions; skipped {dict(rset.skipped)}",
+                  flush=True)
     return rset
 
 
