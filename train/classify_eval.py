@@ -13,7 +13,8 @@ from collections import Counter
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.distributed as dist
+
+from train.distributed import first_by_index
 
 
 @torch.no_grad()
@@ -32,17 +33,7 @@ def evaluate_classifier(model, batches: Iterable[dict], to_device: Callable[[dic
                     local.append((int(i), int(p)))
     finally:
         model.train(was_training)
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        parts: list = [None] * world_size
-        dist.all_gather_object(parts, local)
-        pairs = [p for part in parts for p in part]
-    else:
-        pairs = local
-    pred: dict[int, int] = {}
-    for i, p in pairs:
-        if not 0 <= i < len(labels):
-            raise ValueError(f"evaluate_classifier: batch index {i} is outside the {len(labels)} items")
-        pred.setdefault(i, p)
+    pred: dict[int, int] = first_by_index(local, world_size, len(labels), "evaluate_classifier")
     out = {"num": len(labels), "predicted": len(pred), "missing": len(labels) - len(pred)}
     if labels:
         out["acc"] = sum(1 for i, y in enumerate(labels) if pred.get(i) == y) / len(labels)

@@ -231,3 +231,26 @@ def max_over_ranks(value, device=None) -> float:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def gather_objects(obj, world_size: int) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (all_gather_object) when world_size > 1 and the group is up, else [obj]:
+    evaluations that shard their items over ranks combine the per-rank results with it."""
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        parts: list = [None] * world_size
+        dist.all_gather_object(parts, obj)
+        return parts
+    return [obj]
+
+
+def first_by_index(local: list, world_size: int, num_items: int, what: str) -> dict:
+    """Every rank's (item index, prediction) pairs -> {index: prediction}; the first one for an index wins (a padding
+    row repeats an item another rank owns); an index outside [0, num_items) is a ValueError naming `what`."""
+    out: dict = {}
+    for part in gather_objects(local, world_size):
+        for i, p in part:
+            if not 0 <= i < num_items:
+                raise ValueError(f"{what}: batch index {i} is outside the {num_items} items")
+            out.setdefault(i, p)
+    return out
+

@@ -35,6 +35,51 @@ class TaskSection:
     best_metric: str = "score"          # the eval key (higher is better) whose best checkpoint is kept
 
 
+@dataclass
+class AnnotatedImages:
+    """A split given as one annotation file and the directory its images are in (NLVR2, SNLI-VE)."""
+    annotations: str
+    image_root: str
+
+    def check(self, where: str) -> None:
+        if not os.path.isfile(self.annotations):
+            raise ValueError(f"{where}.annotations: no such file {self.annotations!r}")
+        if not os.path.isdir(self.image_root):
+            raise ValueError(f"{where}.image_root: no such directory {self.image_root!r}")
+
+
+class TrainEvalTest:
+    """For a task section with `train` (a list of sources), `eval` and `test` (optional sources), each source having
+    check(where): the shared rules and file checks."""
+
+    def validate_splits(self) -> None:
+        if not self.train and not self.eval_only:
+            raise ValueError("task.train: lists no source")
+        if self.eval is None and self.test is None:
+            raise ValueError("task.eval / task.test: set at least one")
+
+    def check_files(self) -> None:
+        for i, src in enumerate(self.train):
+            src.check(f"task.train[{i}]")
+        for name in ("eval", "test"):
+            if getattr(self, name) is not None:
+                getattr(self, name).check(f"task.{name}")
+
+
+def read_split(read: Callable, src, what: str, items_name: str) -> list:
+    """read(annotations, image_root) -> (items, skipped counts) for one split; a file with no usable item or a
+    wrong layout is one ConfigError naming `what`; the skipped counts are printed on rank 0."""
+    try:
+        items, skipped = read(src.annotations, src.image_root)
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    if not items:
+        raise ConfigError(f"{what}: {src.annotations} holds no usable {items_name} (skipped {dict(skipped)})")
+    if skipped and os.environ.get("RANK", "0") == "0":
+        print(f"{what}: {len(items)} {items_name}; skipped {dict(skipped)}", flush=True)
+    return items
+
+
 def entry(prog: str, description: str, task_cls: type, build: Callable) -> launch.Entry:
     return launch.Entry(prog=prog, description=description, build=build, task_config=task_cls)
 

@@ -27,56 +27,31 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from train import finetune, launch  # noqa: E402
-from train.config import ConfigError  # noqa: E402
 
 NUM_TOKEN_TYPES = 3   # text 0, left image 1, right image 2
 
 
 @dataclass
-class Nlvr2Source:
+class Nlvr2Source(finetune.AnnotatedImages):
     annotations: str                      # nlvr2/data/<split>.json (JSON lines)
     image_root: str                       # images/train (per-`directory` sub-folders), dev, test1
 
-    def check(self, where: str) -> None:
-        if not os.path.isfile(self.annotations):
-            raise ValueError(f"{where}.annotations: no such file {self.annotations!r}")
-        if not os.path.isdir(self.image_root):
-            raise ValueError(f"{where}.image_root: no such directory {self.image_root!r}")
-
 
 @dataclass
-class Nlvr2Task(finetune.TaskSection):
+class Nlvr2Task(finetune.TrainEvalTest, finetune.TaskSection):
     train: list[Nlvr2Source] = field(default_factory=list)
     eval: Optional[Nlvr2Source] = None    # dev
     test: Optional[Nlvr2Source] = None    # test-P (test1)
     best_metric: str = "acc"
 
     def validate(self) -> None:
-        if not self.train and not self.eval_only:
-            raise ValueError("task.train: lists no source")
-        if self.eval is None and self.test is None:
-            raise ValueError("task.eval / task.test: set at least one")
-
-    def check_files(self) -> None:
-        for i, src in enumerate(self.train):
-            src.check(f"task.train[{i}]")
-        for name in ("eval", "test"):
-            if getattr(self, name) is not None:
-                getattr(self, name).check(f"task.{name}")
+        self.validate_splits()
 
 
 def read_items(src: Nlvr2Source, what: str) -> list:
     from datasets.nlvr2 import read_nlvr2
 
-    try:
-        items, skipped = read_nlvr2(src.annotations, src.image_root)
-    except ValueError as e:
-        raise ConfigError(f"{what}: {e}") from None
-    if not items:
-        raise ConfigError(f"{what}: {src.annotations} holds no usable example (skipped {dict(skipped)})")
-    if skipped and os.environ.get("RANK", "0") == "0":
-        print(f"{what}: {len(items)} examples; skipped {dict(skipped)}", flush=True)
-    return items
+    return finetune.read_split(read_nlvr2, src, what, "examples")
 
 
 def build(cfg, dist) -> launch.Built:

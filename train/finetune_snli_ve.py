@@ -24,54 +24,29 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from train import finetune, launch  # noqa: E402
-from train.config import ConfigError  # noqa: E402
 
 
 @dataclass
-class SnliVeSource:
+class SnliVeSource(finetune.AnnotatedImages):
     annotations: str                      # snli_ve_<split>.jsonl
     image_root: str                       # Flickr30k's flickr30k-images/ (<Flickr30K_ID>.jpg)
 
-    def check(self, where: str) -> None:
-        if not os.path.isfile(self.annotations):
-            raise ValueError(f"{where}.annotations: no such file {self.annotations!r}")
-        if not os.path.isdir(self.image_root):
-            raise ValueError(f"{where}.image_root: no such directory {self.image_root!r}")
-
 
 @dataclass
-class SnliVeTask(finetune.TaskSection):
+class SnliVeTask(finetune.TrainEvalTest, finetune.TaskSection):
     train: list[SnliVeSource] = field(default_factory=list)
     eval: Optional[SnliVeSource] = None   # dev
     test: Optional[SnliVeSource] = None
     best_metric: str = "acc"
 
     def validate(self) -> None:
-        if not self.train and not self.eval_only:
-            raise ValueError("task.train: lists no source")
-        if self.eval is None and self.test is None:
-            raise ValueError("task.eval / task.test: set at least one")
-
-    def check_files(self) -> None:
-        for i, src in enumerate(self.train):
-            src.check(f"task.train[{i}]")
-        for name in ("eval", "test"):
-            if getattr(self, name) is not None:
-                getattr(self, name).check(f"task.{name}")
+        self.validate_splits()
 
 
 def read_items(src: SnliVeSource, what: str) -> list:
     from datasets.snli_ve import read_snli_ve
 
-    try:
-        items, skipped = read_snli_ve(src.annotations, src.image_root)
-    except ValueError as e:
-        raise ConfigError(f"{what}: {e}") from None
-    if not items:
-        raise ConfigError(f"{what}: {src.annotations} holds no usable example (skipped {dict(skipped)})")
-    if skipped and os.environ.get("RANK", "0") == "0":
-        print(f"{what}: {len(items)} hypotheses; skipped {dict(skipped)}", flush=True)
-    return items
+    return finetune.read_split(read_snli_ve, src, what, "hypotheses")
 
 
 def build(cfg, dist) -> launch.Built:

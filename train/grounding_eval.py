@@ -25,13 +25,13 @@ import re
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from datasets.batch import ATTENTION_MASK, INDEX, INPUT_IDS, PIXEL_VALUES, VALID
 from datasets.grounding import IMAGE_SIZE, MODES, GroundingItem
 from datasets.transforms import center_crop_box
 from models.tasks.grounding import box_scores, itm_gradcam
+from train.distributed import gather_objects
 
 IOU_THRESHOLD = 0.5
 
@@ -115,12 +115,7 @@ def accuracy(items: Sequence[GroundingItem], results: dict, splits: Sequence[str
     return out
 
 
-def _gather(obj, world_size: int) -> list:
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        parts: list = [None] * world_size
-        dist.all_gather_object(parts, obj)
-        return parts
-    return [obj]
+
 
 
 class GroundingEval(NamedTuple):
@@ -156,11 +151,11 @@ def evaluate_grounding(model, batches: Iterable[dict], to_device: Callable[[dict
     finally:
         model.train(was_training)
     results = {}
-    for part in _gather(local, world_size):
+    for part in gather_objects(local, world_size):
         for r in part:
             results.setdefault(r[0], ItemResult(*r))
     maps = {}
-    for part in _gather(kept, world_size) if keep_maps else []:
+    for part in gather_objects(kept, world_size) if keep_maps else []:
         for i, cam in part:
             maps.setdefault(i, cam)
     return GroundingEval(accuracy(items, results, splits), results, maps)

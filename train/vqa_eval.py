@@ -17,9 +17,9 @@ import os
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from datasets.vqa import VqaItem, process_digit_article, process_punctuation
+from train.distributed import first_by_index
 
 
 def _clean(text: str) -> str:
@@ -87,17 +87,7 @@ def evaluate_vqa(model, batches: Iterable[dict], to_device: Callable[[dict], dic
                     local.append((int(i), vocab[p]))
     finally:
         model.train(was_training)
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        parts: list = [None] * world_size
-        dist.all_gather_object(parts, local)
-        pairs = [p for part in parts for p in part]
-    else:
-        pairs = local
-    answer: dict[int, str] = {}
-    for i, a in pairs:
-        if not 0 <= i < len(items):
-            raise ValueError(f"evaluate_vqa: batch index {i} is outside the {len(items)} items")
-        answer.setdefault(i, a)
+    answer: dict[int, str] = first_by_index(local, world_size, len(items), "evaluate_vqa")
     scored = [vqa_accuracy(answer[i], it.answers) if i in answer else 0.0
               for i, it in enumerate(items) if it.answers]
     out = {"vqa_num_questions": len(items), "vqa_num_scored": len(scored), "vqa_num_predicted": len(answer),
