@@ -74,3 +74,25 @@ def write_tiny_init(path) -> str:
     config = {"model": dataclasses.asdict(cfg), "objectives": {"itc": {}, "itm": {}}, "data": {"num_frames": 1}}
     save_weights(model.state_dict(), str(path), {"kind": "vlp", "config": config})
     return str(path)
+
+
+def run_task(entry, out, config, init, *overrides, hook=None, ds=None):
+    """A fine-tuning entry (train/finetune_<task>.py module) through the real launcher in this process."""
+    from train import launch
+
+    argv = ["--deepspeed_config", ds or write_ds_config(os.path.dirname(str(out)), 0, "fp32"), "--config", config,
+            "--output_dir", str(out), *(["--init", init] if init else []), *overrides]
+    cfg, ds_config = launch.prepare(entry.ENTRY, argv)
+    return launch.run(entry.ENTRY, cfg, ds_config, engine_hook=hook)
+
+
+def stop_after(step):
+    """An engine hook: stop (save, exit 75's path) after optimizer step `step`."""
+    def hook(engine):
+        engine.add_after_step(lambda e, applied: e.request_stop() if e.step == step else None)
+    return hook
+
+
+def read_eval(out) -> dict:
+    with open(os.path.join(out, "eval.json")) as f:
+        return json.load(f)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import read_metrics, write_ds_config, write_tiny_init
+from conftest import read_eval, read_metrics, run_task, stop_after, write_ds_config, write_tiny_init
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 CONFIG = "train/configs/finetune/demo_grounding.yaml"
@@ -39,23 +39,12 @@ def overrides(demo):
 
 def run(out, init, *extra, hook=None):
     from train import finetune_grounding as entry
-    from train import launch
 
-    argv = ["--deepspeed_config", write_ds_config(os.path.dirname(str(out)), 0, "fp32"), "--config", CONFIG,
-            "--output_dir", str(out), "--init", init, *extra]
-    cfg, ds_config = launch.prepare(entry.ENTRY, argv)
-    return launch.run(entry.ENTRY, cfg, ds_config, engine_hook=hook)
+    return run_task(entry, out, CONFIG, init, *extra, hook=hook)
 
 
-def stop_after(step):
-    def hook(engine):
-        engine.add_after_step(lambda e, applied: e.request_stop() if e.step == step else None)
-    return hook
 
 
-def read_eval(out):
-    with open(os.path.join(out, "eval.json")) as f:
-        return json.load(f)
 
 
 def test_trains_evaluates_per_split_visualizes_and_resumes_exactly(demo, init_file, tmp_path):

@@ -4,12 +4,12 @@ image, dev and test accuracy, a stop after step 2 (mid-epoch) resumed to the uni
 bit, --eval_only on the fine-tuned run, and bad input as one line with exit 2."""
 import argparse
 import json
-import os
 
 import pytest
 import yaml
 
-from conftest import read_metrics, write_ds_config, write_tiny_init
+from conftest import read_eval, read_metrics, stop_after, write_ds_config, write_tiny_init
+from conftest import run_task as run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 COUNTS = dict(nlvr2_train=12, nlvr2_dev=4, nlvr2_test=4, snli_ve_train=8, snli_ve_dev=4, snli_ve_test=4)
@@ -40,24 +40,10 @@ def overrides(demo, task):
             "train.lr=1e-3", "train.eval_batch_size=3"]
 
 
-def run(entry, out, config, init, *extra, hook=None):
-    from train import launch
-
-    argv = ["--deepspeed_config", write_ds_config(os.path.dirname(str(out)), 0, "fp32"), "--config", config,
-            "--output_dir", str(out), "--init", init, *extra]
-    cfg, ds_config = launch.prepare(entry.ENTRY, argv)
-    return launch.run(entry.ENTRY, cfg, ds_config, engine_hook=hook)
 
 
-def stop_after(step):
-    def hook(engine):
-        engine.add_after_step(lambda e, applied: e.request_stop() if e.step == step else None)
-    return hook
 
 
-def read_eval(out):
-    with open(os.path.join(out, "eval.json")) as f:
-        return json.load(f)
 
 
 @pytest.mark.parametrize("task", ["nlvr2", "snli_ve"])

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from conftest import read_metrics, write_ds_config, write_tiny_init
+from conftest import read_eval, read_metrics, stop_after, write_ds_config, write_tiny_init
+from conftest import run_task as run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 # a smaller demo than `make finetune-demo`'s, for speed
@@ -56,24 +57,10 @@ def coco_overrides(root, video=False):
             "train.global_batch_size=8", "train.epochs=null", "train.log_every=1", "train.lr=1e-3"]
 
 
-def run(entry, out, config, init, *overrides, hook=None, ds=None):
-    from train import launch
-
-    argv = ["--deepspeed_config", ds or write_ds_config(os.path.dirname(str(out)), 0, "fp32"), "--config", config,
-            "--output_dir", str(out), *(["--init", init] if init else []), *overrides]
-    cfg, ds_config = launch.prepare(entry.ENTRY, argv)
-    return launch.run(entry.ENTRY, cfg, ds_config, engine_hook=hook)
 
 
-def stop_after(step):
-    def hook(engine):
-        engine.add_after_step(lambda e, applied: e.request_stop() if e.step == step else None)
-    return hook
 
 
-def read_eval(out):
-    with open(os.path.join(out, "eval.json")) as f:
-        return json.load(f)
 
 
 def test_vqa_trains_evaluates_writes_evalai_and_resumes_exactly(demo_tasks, init_file, tmp_path):
