@@ -12,7 +12,9 @@ that needs no model) -> init_distributed -> lock the run directory (rank 0) -> s
 entry.build(cfg, dist) -> Engine(..., resume=False) -> momentum parts (train/momentum.py attach_momentum, when the model
 has momentum copies or queues) -> built.setup(engine) -> engine.resume() -> config.yaml ->
 train. Exit status: 0 finished; 2 bad config or input (one `error:` line); 3 diverged; 75 (EXIT_STOPPED) stopped by
-SIGUSR1/SIGTERM (or the launcher's death) after saving.
+SIGUSR1/SIGTERM (or the launcher's death) after saving. Fine-tuning entries (`Entry.task_config`, train/finetune.py)
+also take --init and --eval_only, merge --init's model config under the config's own `model:` keys, and with
+--eval_only evaluate once instead of training. A multi-rank run that ends normally destroys its process group.
 """
 from __future__ import annotations
 
