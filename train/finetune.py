@@ -80,8 +80,9 @@ def read_split(read: Callable, src, what: str, items_name: str) -> list:
     return items
 
 
-def entry(prog: str, description: str, task_cls: type, build: Callable) -> launch.Entry:
-    return launch.Entry(prog=prog, description=description, build=build, task_config=task_cls)
+def entry(prog: str, description: str, task_cls: type, build: Callable, flags: tuple = ()) -> launch.Entry:
+    """flags: ((option, task override key, help), ...), e.g. ("--visualize", "task.visualize", "...")."""
+    return launch.Entry(prog=prog, description=description, build=build, task_config=task_cls, task_flags=flags)
 
 
 # ----------------------------------------------------------------------------------------------- config

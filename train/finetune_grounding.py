@@ -2,7 +2,7 @@ r"""RefCOCO+ weakly supervised visual grounding (ALBEF / SIMLA style) on the sha
 
   deepspeed train/finetune_grounding.py --deepspeed_config ds_configs/zero2_bf16.json \
       --config train/configs/finetune/refcoco_grounding.yaml --init OUT.safetensors [--output_dir D] [key=value ...]
-  ... --init runs/refcoco --eval_only [task.visualize=16]     (evaluate a fine-tuned run dir / file; no training)
+  ... --init runs/refcoco --eval_only [--visualize 16]     (evaluate a fine-tuned run dir / file; no training)
 
 Training sees no box: the pretraining model's ITC + ITM (hard negatives; expressions of the same image are ITC
 positives and never ITM negatives) are fine-tuned on (image, expression) pairs of RefCOCO+ train, exactly as
@@ -17,9 +17,8 @@ task.gradcam_layer indexes our fusion stack (0-based; negative from the end; def
 recipes' block_num = 8 counts the layers of a 12-layer BERT: in ALBEF its layers 6-11 are the fusion, so block 8 is
 fusion layer 2 of 6; in SIMLA every one of the 12 layers has cross-attention, so block 8 is 8/12 of the way up,
 fusion layer 4 of our 6 (refcoco_grounding.yaml follows SIMLA: 4).
-task.visualize N: also write PNGs of the first N evaluated items (heat map, true box, chosen proposal) to
-OUTPUT_DIR/grounding_vis/ at every evaluation (there is no --visualize flag: the launcher's options are shared by
-every entry point; give the override task.visualize=N).
+--visualize N (= task.visualize=N): also write PNGs of the first N evaluated items (heat map, true box, chosen
+proposal) to OUTPUT_DIR/grounding_vis/ at every evaluation.
 Data layout (ALBEF's refcoco+_{train,val,test}.json, dets.json, and a refs JSON converted from the refer toolkit):
 datasets/grounding.py. Exit codes, resume, stop signals and the run directory are pretraining's (train/pretrain.py).
 """
@@ -182,7 +181,9 @@ def build(cfg, dist) -> launch.Built:
     return finetune.built(cfg, dist, model, loader, evaluate)
 
 
-ENTRY = finetune.entry("train/finetune_grounding.py", __doc__, GroundingTask, build)
+ENTRY = finetune.entry("train/finetune_grounding.py", __doc__, GroundingTask, build,
+                       flags=(("--visualize", "task.visualize", "write PNGs of the first N evaluated items' heat maps "
+                               "and boxes to OUTPUT_DIR/grounding_vis/"),))
 
 
 def main(argv=None) -> int:

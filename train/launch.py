@@ -50,6 +50,8 @@ class Entry:
     build: Callable[[Any, Any], Built]                 # build(cfg, dist) -> Built, after seed_all(train.seed)
     # fine-tuning entries (train/finetune.py): the `task:` section's dataclass; adds --init and --eval_only
     task_config: Optional[type] = None
+    # entry-specific options, each a shorthand for one task override: {"--visualize": ("task.visualize", "help")}
+    task_flags: tuple = ()
 
 
 class StopOnSignal:
@@ -105,6 +107,8 @@ def parse_args(entry: Entry, argv):
         p.add_argument("--init", help="weights to fine-tune from: convert_checkpoint.py to-finetune output, a whole-"
                        "model .safetensors or a DeepSpeed run/checkpoint dir (same as task.init=PATH)")
         p.add_argument("--eval_only", action="store_true", help="evaluate --init and exit (same as task.eval_only=true)")
+    for flag, key, help_text in entry.task_flags:
+        p.add_argument(flag, dest=key, metavar="N", help=f"{help_text} (same as {key}=N)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # appended by the launcher
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)        # DeepSpeed convention; no-op
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides, values in YAML")
@@ -113,7 +117,8 @@ def parse_args(entry: Entry, argv):
     args, extras = p.parse_known_intermixed_args(argv)
     unknown = [a for a in extras if a.startswith("-")]
     if unknown:   # argparse would also list every argument after it; name just the option
-        extra = ", --init, --eval_only" if entry.task_config is not None else ""
+        extra = (", --init, --eval_only" + "".join(f", {f}" for f, _, _ in entry.task_flags)
+                 if entry.task_config is not None else "")
         p.error(f"unrecognized option {unknown[0].split('=')[0]} (options: --deepspeed_config, --config, "
                 f"--output_dir, --max_steps{extra}; config overrides are dotted.key=value)")
     args.overrides = list(args.overrides) + extras
@@ -148,6 +153,9 @@ def prepare(entry: Entry, argv):
             overrides.append(f"task.init={json.dumps(args.init)}")
         if args.eval_only:
             overrides.append("task.eval_only=true")
+        for _, key, _ in entry.task_flags:
+            if getattr(args, key) is not None:
+                overrides.append(f"{key}={getattr(args, key)}")
         try:
             tree = resolve_tree(load_tree(args.config, overrides))
         except ConfigError as e:

@@ -50,7 +50,7 @@ def run(out, init, *extra, hook=None):
 def test_trains_evaluates_per_split_visualizes_and_resumes_exactly(demo, init_file, tmp_path):
     ov = overrides(demo)
     # 300 expressions / 8 = 37 batches an epoch: step 3 is mid-epoch
-    run(tmp_path / "a", init_file, *ov, "--max_steps", "5", "task.visualize=2")
+    run(tmp_path / "a", init_file, *ov, "--max_steps", "5", "--visualize", "2")   # = task.visualize=2
     ev = read_eval(tmp_path / "a")
     assert ev["step"] == 5
     assert {k: ev[k] for k in ("val_items", "testA_items", "testB_items", "grounding_items", "grounding_missing",
