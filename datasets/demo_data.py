@@ -296,6 +296,20 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class TreeWriter:
+    """Atomic writes of files under one root, remembering each file's size (for a manifest); the task demo
+    writers share it."""
+
+    def __init__(self, out: Path):
+        self.out, self.sizes = out, {}
+
+    def write(self, rel: str, data: bytes) -> None:
+        p = self.out / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(p, data)
+        self.sizes[rel] = len(data)
+
+
 def _tar_bytes(samples: list[dict]) -> bytes:
     import webdataset as wds
 

@@ -40,7 +40,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 import numpy as np
 
 from datasets.demo_data import (COLORS, RELATIONS, SHAPES, _caption_of, _objects, _pair_space, _rng,
-                                _write_atomic, make_scene)
+                                TreeWriter, make_scene)
 
 NLVR2_DIR, SNLI_DIR = "nlvr2", "snli_ve"
 NLVR2_SPLITS = {"train": ("train", "images/train"), "dev": ("dev", "dev"), "test1": ("test1", "test1")}
@@ -178,17 +178,6 @@ def _remove_own(out: Path, patterns: list[tuple[str, str]]) -> None:
                 p.unlink()
 
 
-class _Writer:
-    def __init__(self, out: Path):
-        self.out, self.sizes = out, {}
-
-    def write(self, rel: str, data: bytes) -> None:
-        p = self.out / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(p, data)
-        self.sizes[rel] = len(data)
-
-
 def _jsonl(lines: list[dict]) -> bytes:
     return "".join(json.dumps(x) + "\n" for x in lines).encode()
 
@@ -203,7 +192,7 @@ def write_nlvr2(out_dir, args=None, seed: int = 0, *, train: int = 100, dev: int
         raise ValueError(f"write_nlvr2: every split needs >= 1 pair, got {counts}")
     _remove_own(out, [(f"{NLVR2_DIR}/images/train", "*/*-img[01].png"), (f"{NLVR2_DIR}/dev", "*-img[01].png"),
                       (f"{NLVR2_DIR}/test1", "*-img[01].png")])
-    files, paths, plan = _Writer(out), nlvr2_paths(), plan_nlvr2(seed, counts)
+    files, paths, plan = TreeWriter(out), nlvr2_paths(), plan_nlvr2(seed, counts)
     expected, junk = {}, {}
     for k, (split, pairs) in enumerate(plan.items()):
         r = _rng(seed, 410, k)
@@ -320,7 +309,7 @@ def write_snli_ve(out_dir, args=None, seed: int = 0, *, train: int = 100, dev: i
     if min(counts.values()) < 1:
         raise ValueError(f"write_snli_ve: every split needs >= 1 image, got {counts}")
     _remove_own(out, [(SNLI_IMAGES, "*.jpg")])
-    files, paths, plan = _Writer(out), snli_ve_paths(), plan_snli_ve(seed, counts)
+    files, paths, plan = TreeWriter(out), snli_ve_paths(), plan_snli_ve(seed, counts)
     taken = set(plan.pop("_taken"))
     missing = next(v for v in range(1_000_000_000, 2_000_000_000, 7919) if v not in taken)
     expected, junk = {}, {}

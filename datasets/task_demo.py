@@ -45,7 +45,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 import numpy as np
 
 from datasets.demo_data import (COLORS, RELATIONS, SHAPES, _caption_of, _clip_space, _objects, _pair_space,
-                                _rng, _write_atomic, encode_mp4, make_clip, make_scene)
+                                TreeWriter, _rng, encode_mp4, make_clip, make_scene)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2   # 2: nlvr2/, snli_ve/ (datasets/demo_pairs.py) and grounding/ (datasets/demo_grounding.py)
@@ -101,17 +101,6 @@ def _csv_bytes(header: list[str], rows: list[list]) -> bytes:
     w.writerow(header)
     w.writerows(rows)
     return buf.getvalue().encode()
-
-
-class _Files:
-    def __init__(self, out: Path):
-        self.out, self.sizes = out, {}
-
-    def write(self, rel: str, data: bytes) -> None:
-        p = self.out / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(p, data)
-        self.sizes[rel] = len(data)
 
 
 def _jpeg(img, quality: int) -> bytes:
@@ -202,7 +191,7 @@ def plan_msrvtt(args: TaskDemoArgs) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ COCO
-def write_coco(files: _Files, args: TaskDemoArgs, plan: dict) -> dict:
+def write_coco(files: TreeWriter, args: TaskDemoArgs, plan: dict) -> dict:
     """Images, dataset_coco.json and the ALBEF files; returns the scene metadata of every image by cocoid."""
     metas = {}
     for k, im in enumerate(plan["images"]):
@@ -243,7 +232,7 @@ def write_coco(files: _Files, args: TaskDemoArgs, plan: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- MSRVTT
-def write_msrvtt(files: _Files, args: TaskDemoArgs, plan: dict) -> None:
+def write_msrvtt(files: TreeWriter, args: TaskDemoArgs, plan: dict) -> None:
     videos = plan["videos"]
     for k, v in enumerate(videos):
         if v["written"]:
@@ -376,7 +365,7 @@ def _vqa_header(subtype: str) -> dict:
             "license": {"url": "", "name": "generated demo data"}, "data_subtype": subtype}
 
 
-def write_vqa(files: _Files, args: TaskDemoArgs, plan: dict, metas: dict) -> dict:
+def write_vqa(files: TreeWriter, args: TaskDemoArgs, plan: dict, metas: dict) -> dict:
     groups = {"train": [im for im in plan["images"] if im["split"] == "train"],
               "val": [im for im in plan["images"] if im["split"] in ("restval", "val", "test")],
               "testdev": [im for im in plan["images"] if im["split"] == "test2015"]}
@@ -520,7 +509,7 @@ def generate(out_dir: str | os.PathLike, *, force: bool = False, verbose: bool =
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     _clean_stale(out)
-    files = _Files(out)
+    files = TreeWriter(out)
     coco_plan, msrvtt_plan = plan_coco(args), plan_msrvtt(args)
     metas = write_coco(files, args, coco_plan)
     if verbose:

@@ -180,7 +180,7 @@ def _worker(rank, port, out_dir, n_media, n_texts, k_i2t, k_t2i, pbs):
 @pytest.mark.parametrize("n_media,n_texts,k_i2t,k_t2i,pbs", [(5, 7, 3, 2, 2)])
 def test_two_ranks_match_one_rank(tmp_path, n_media, n_texts, k_i2t, k_t2i, pbs):
     spawn_ranks(_worker, 2, str(tmp_path), n_media, n_texts, k_i2t, k_t2i, pbs)
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     model, tok = build()
     pixels, texts, txt2media = make_data(tok, n_media, n_texts)
