@@ -11,7 +11,7 @@ STAMP := $(VENV)/.requirements.stamp
 RUN_ENV := DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_SKIP_SHM_OP=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
            TOKENIZERS_PARALLELISM=false PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: venv demo demo-data ablation finetune-demo test clean-runs
+.PHONY: venv demo simla-demo demo-data ablation finetune-demo test clean-runs
 
 venv: $(STAMP)
 
@@ -28,6 +28,12 @@ demo: demo-data
 	$(RUN_ENV) deepspeed train/pretrain.py --deepspeed_config ds_configs/cpu_demo.json \
 		--config train/configs/demo.yaml --output_dir runs/demo
 	@echo "run written to runs/demo (metrics.jsonl, eval.json, tensorboard/, checkpoints/)"; cat runs/demo/eval.json
+
+# SIMLA (single-stream BERT; ITA + ITM + XMM + PSL) on the same demo shards -> runs/simla_demo
+simla-demo: demo-data
+	$(RUN_ENV) deepspeed train/pretrain.py --deepspeed_config ds_configs/cpu_demo.json \
+		--config train/configs/simla_demo.yaml --output_dir runs/simla_demo
+	@echo "run written to runs/simla_demo"; cat runs/simla_demo/eval.json
 
 # What MGSC and MLTC add over ITC+ITM+MLM: the demo trained 3 ways x 3 seeds (9 x 80 steps, ~40 min on 2 cores)
 # -> runs/ablation (ablation.json, ablation.png, a Markdown table). Finished runs are reused, crashed ones resumed.
@@ -62,4 +68,4 @@ test: $(STAMP)
 	$(RUN_ENV) $(PY) -m pytest tests -q
 
 clean-runs:
-	rm -rf runs/demo runs/finetune_demo
+	rm -rf runs/demo runs/simla_demo runs/finetune_demo

@@ -4,6 +4,7 @@ A batch is a dict. The loaders build it with the constants below, the engine mov
 and the eval hook read it by these names. CONTRACT says, per key, its dtype, who produces it and what it means.
 Producers: "train" (datasets.loader's train loader, every batch), "eval" (its eval loader, every batch),
 "text_masker" (train batches, only when build_train_loader got a text_masker, i.e. data.mlm_probability is set),
+"tokenizer_view" (train batches, only when data.tokenizer_view is set),
 "engine" (added by the training engine to the train batch it is about to run), "task" / "task_eval" (the
 fine-tuning loaders' train / eval batches, datasets/task_loader.py; a task adds its own keys, e.g. VQA's targets).
 """
@@ -21,6 +22,7 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 MLM_INPUT_IDS = "mlm_input_ids"
 MLM_LABELS = "mlm_labels"
+TOKENIZER_PIXELS = "tokenizer_pixels"
 MODALITY = "modality"
 SOURCE = "source"
 SAMPLE_KEYS = "__key__"
@@ -32,6 +34,7 @@ VALID = "valid"
 STEP = "step"
 
 TRAIN, EVAL, TEXT_MASKER, ENGINE = "train", "eval", "text_masker", "engine"
+TOKENIZER_VIEW = "tokenizer_view"
 TASK, TASK_EVAL = "task", "task_eval"   # fine-tuning loaders (datasets/task_loader.py, datasets/task_sets.py)
 
 
@@ -51,6 +54,9 @@ CONTRACT: dict[str, Key] = {k.name: k for k in (
     Key(ATTENTION_MASK, "int64 (B, L)", (TRAIN, EVAL), "1 = real token, 0 = padding"),
     Key(MLM_INPUT_IDS, "int64 (B, L)", (TEXT_MASKER,), "input_ids after BERT masking in the data worker"),
     Key(MLM_LABELS, "int64 (B, L)", (TEXT_MASKER,), "original id where masked, -100 elsewhere"),
+    Key(TOKENIZER_PIXELS, "uint8 (B, 3, s, s)", (TOKENIZER_VIEW,),
+        "the dVAE tokenizer's view of each image (s = data.tokenizer_view.size), not mean/std-normalised; "
+        "float32 in [0, 1] after to_device"),
     Key(MODALITY, "str", (TRAIN, EVAL), '"image" | "video"; a batch is single-modality'),
     Key(SOURCE, "int", (EVAL,), "index into data.eval; an eval batch is single-source"),
     Key(SAMPLE_KEYS, "list[str] (B)", (TRAIN, EVAL), "sample keys (webdataset __key__)"),
@@ -71,14 +77,17 @@ def keys_of(*producers: str) -> frozenset[str]:
 
 def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
     """Tensors to `device` (non_blocking); uint8 pixel_values normalised there as batch["normalize"] says
-    (default "clip") into `dtype`; other floating tensors cast to `dtype`; integer tensors keep theirs; anything
-    that is not a tensor is passed through as is."""
+    (default "clip") into `dtype`; tokenizer_pixels to float32 in [0, 1] whatever `dtype` (the dVAE's codes are an
+    argmax: bf16 pixels could flip them); other floating tensors cast to `dtype`; integer tensors keep theirs;
+    anything that is not a tensor is passed through as is."""
     out = {}
     for k, v in batch.items():
         if torch.is_tensor(v):
             v = v.to(device, non_blocking=True)
             if k == PIXEL_VALUES and v.dtype == torch.uint8:
                 v = normalize_pixels(v, batch.get(NORMALIZE, "clip"), dtype)
+            elif k == TOKENIZER_PIXELS:
+                v = v.float() / 255 if v.dtype == torch.uint8 else v.float()
             elif v.is_floating_point() and v.dtype != dtype:
                 v = v.to(dtype)
         out[k] = v

@@ -51,6 +51,31 @@ class RandAugmentConfig:
             raise ValueError(f"{where}.magnitude must be an int in [0, 30], got {self.magnitude!r}")
 
 
+TOKENIZER_CROPS = ("shared", "independent")
+
+
+@dataclass
+class TokenizerViewConfig:
+    """A second, smaller view of each train image for a dVAE tokenizer (SIMLA / BEiT masked image modelling): the
+    dVAE downsamples 8x, so `size` = patch grid x 8 (256 px with 16 px patches -> 128)."""
+    size: int
+    # "shared": the encoder view's crop box and flip (BEiT; codes line up with the patches); "independent": its
+    # own crop + flip draw (SIMLA's official code, whose two views do not match spatially)
+    crop: Literal["shared", "independent"] = "shared"
+    # also apply data.randaugment (its own draw) to this view, as SIMLA's official code does
+    randaugment: bool = False
+
+    def validate(self, where: str = "data.tokenizer_view") -> None:
+        s = self.size
+        if not (isinstance(s, int) and not isinstance(s, bool) and s >= 8 and s % 8 == 0):
+            raise ValueError(f"{where}.size must be an int >= 8 and a multiple of 8 (the dVAE downsamples 8x), "
+                             f"got {s!r}")
+        if self.crop not in TOKENIZER_CROPS:
+            raise ValueError(f"{where}.crop must be one of {TOKENIZER_CROPS}, got {self.crop!r}")
+        if not isinstance(self.randaugment, bool):
+            raise ValueError(f"{where}.randaugment must be a bool, got {self.randaugment!r}")
+
+
 @dataclass
 class DataConfig:
     train: list[SourceConfig] = field(default_factory=list)
@@ -75,6 +100,8 @@ class DataConfig:
     # train only, e.g. {num_ops: 2, magnitude: 9}; a video clip gets one draw for all its frames
     randaugment: Optional[RandAugmentConfig] = None
     mlm_probability: Optional[float] = None  # set -> train batches also carry mlm_input_ids / mlm_labels
+    # set -> train batches also carry tokenizer_pixels (uint8, unnormalised) for MIM targets; image sources only
+    tokenizer_view: Optional[TokenizerViewConfig] = None
     # an ALIGN-BENCH dir (images/N.jpg, pkls/N.pkl): every evaluation also scores it (train/align_bench.py)
     align_bench: Optional[str] = None
 
@@ -124,6 +151,19 @@ class DataConfig:
         p = self.mlm_probability
         if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1):
             raise ValueError(f"data.mlm_probability must be null or a number in (0, 1), got {p!r}")
+        if isinstance(self.tokenizer_view, dict):  # built directly from a plain dict (not via the YAML loader)
+            self.tokenizer_view = TokenizerViewConfig(**self.tokenizer_view)
+        tv = self.tokenizer_view
+        if tv is not None:
+            if not isinstance(tv, TokenizerViewConfig):
+                raise ValueError(f"data.tokenizer_view must be null or {{size, crop, randaugment}}, got {tv!r}")
+            tv.validate()
+            video = next((i for i, s in enumerate(self.train) if s.modality == "video"), None)
+            if video is not None:
+                raise ValueError(f"data.tokenizer_view: masked image modelling is image-only, but data.train[{video}] "
+                                 "is a video source (drop that source or set data.tokenizer_view: null)")
+            if tv.randaugment and self.randaugment is None:
+                raise ValueError("data.tokenizer_view.randaugment: true needs data.randaugment to be set")
         if self.align_bench is not None and not (isinstance(self.align_bench, str) and self.align_bench.strip()):
             raise ValueError(f"data.align_bench must be null or a directory path, got {self.align_bench!r}")
         return self

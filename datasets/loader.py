@@ -182,18 +182,24 @@ def media_modality(raw: dict) -> str | None:
 
 
 class SampleDecoder:
-    """raw sample dict (bytes) -> (pixel_values (F,3,H,W), caption). Raises BadSample, never other errors."""
+    """raw sample dict (bytes) -> (pixel_values (F,3,H,W), caption). Raises BadSample, never other errors.
+    tokenizer_view=True (the pretraining train stream, image decoders, data.tokenizer_view set): ->
+    (pixel_values, caption, tokenizer_pixels (3, s, s)), both views cut from one decode."""
 
-    def __init__(self, cfg: DataConfig, modality: str, train: bool):
+    def __init__(self, cfg: DataConfig, modality: str, train: bool, tokenizer_view: bool = False):
         self.modality, self.train, self.num_frames = modality, train, cfg.num_frames
         self.max_pixels = cfg.max_image_pixels
+        if tokenizer_view and not (train and modality == "image" and cfg.tokenizer_view is not None):
+            raise ValueError("a tokenizer view needs a train image decoder and data.tokenizer_view set")
+        self.views = tokenizer_view
         if modality == "image":
             self.tf = ImageTransform(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.normalize, train,
-                                     cfg.randaugment, max_pixels=cfg.max_image_pixels)
+                                     cfg.randaugment, max_pixels=cfg.max_image_pixels,
+                                     tokenizer_view=cfg.tokenizer_view if tokenizer_view else None)
         else:
             self.tf = ClipTransform(cfg.image_size, cfg.crop_scale, cfg.hflip, cfg.normalize, train, cfg.randaugment)
 
-    def __call__(self, raw: dict, rng: random.Random | None) -> tuple[torch.Tensor, str]:
+    def __call__(self, raw: dict, rng: random.Random | None) -> tuple:
         exts = IMAGE_EXTS if self.modality == "image" else VIDEO_EXTS
         data = next((raw[e] for e in exts if e in raw), None)
         if data is None:
@@ -207,10 +213,14 @@ class SampleDecoder:
             raise BadSample("non_utf8_caption") from None
         if not caption:
             raise BadSample("empty_caption")
+        if self.views:
+            pixels, tokenizer_pixels = self.decode(data, rng)
+            return pixels, caption, tokenizer_pixels
         return self.decode(data, rng), caption
 
-    def decode(self, data: bytes, rng: random.Random | None) -> torch.Tensor:
-        """Encoded image / video bytes -> uint8 (F, 3, H, W); BadSample on anything undecodable or oversize."""
+    def decode(self, data: bytes, rng: random.Random | None):
+        """Encoded image / video bytes -> uint8 (F, 3, H, W) (with tokenizer_view: and the uint8 (3, s, s)
+        tokenizer view); BadSample on anything undecodable or oversize."""
         try:  # decoders raise a zoo of types (OSError, SyntaxError, DECORDError, ...) on broken bytes
             if self.modality == "image":
                 return self.tf(data, rng)
@@ -409,7 +419,9 @@ class _TrainStream(IterableDataset):
         self.mod_names = list(self.by_modality)
         self.mod_cum = _cumulative([sum(sources[i].weight for i in idx) for idx in self.by_modality.values()])
         self.src_cum = {m: _cumulative([sources[i].weight for i in idx]) for m, idx in self.by_modality.items()}
-        self.decoders = {m: SampleDecoder(cfg, m, train=True) for m in self.by_modality}
+        # with data.tokenizer_view every train source is an image source (DataConfig.validate)
+        views = cfg.tokenizer_view is not None
+        self.decoders = {m: SampleDecoder(cfg, m, train=True, tokenizer_view=views) for m in self.by_modality}
         self.start: list = [None] * self.W  # per logical worker state to resume from (set by TrainLoader)
         self.rotation = 0  # DataLoader worker k runs logical worker (k + rotation) % W
 
@@ -444,23 +456,26 @@ class _TrainStream(IterableDataset):
             modality = self.batch_modality(n)
             idx, cum, decoder = self.by_modality[modality], self.src_cum[modality], self.decoders[modality]
             mix = random.Random(f"mix-{self.seed}-{self.rank}-{n}")
-            pix, caps, keys = [], [], []
+            pix, caps, keys, toks = [], [], [], []
             while len(pix) < self.B:
                 si = idx[_draw(cum, mix)] if len(idx) > 1 else idx[0]
                 epoch, pos, raw = sources[si].next()
                 rng = random.Random(f"aug-{self.seed}-{self.rank}-{w}-{si}-{epoch}-{pos}")
                 try:
-                    px, cap = decoder(raw, rng)
+                    px, cap, *tok = decoder(raw, rng)  # tok: [tokenizer view] with data.tokenizer_view
                 except BadSample as b:
                     badlog.bad(b.reason, raw["__url__"], raw["__key__"])
                     continue
                 badlog.good()
                 pix.append(px)
                 caps.append(cap)
+                toks += tok
                 keys.append(raw["__key__"])
             j += 1
             batch = {K.PIXEL_VALUES: torch.stack(pix), K.NORMALIZE: self.cfg.normalize,
                      **tokenize(self.tokenizer, caps, self.cfg.max_text_len), K.SAMPLE_KEYS: keys, K.MODALITY: modality}
+            if toks:
+                batch[K.TOKENIZER_PIXELS] = torch.stack(toks)
             if self.text_masker is not None:
                 gen = torch.Generator().manual_seed(random.Random(f"mlm-{self.seed}-{self.rank}-{n}").getrandbits(63))
                 batch[K.MLM_INPUT_IDS], batch[K.MLM_LABELS] = self.text_masker(

@@ -81,16 +81,23 @@ class ImageTransform:
     """bytes -> (1, 3, S, S) uint8 (normalised later by `normalize_pixels`). train: random resized crop (+ optional
     hflip, + optional RandAugment); eval: centre. A JPEG much larger than the crop is decoded at 1/2..1/8 scale
     (PIL draft: DCT scaling, far cheaper than a full decode + resize). An image that would still decode to more
-    than `max_pixels` pixels raises TooLarge before any pixel is decoded (Image.open reads the header only)."""
+    than `max_pixels` pixels raises TooLarge before any pixel is decoded (Image.open reads the header only).
+
+    With `tokenizer_view` (a datasets.config.TokenizerViewConfig; train only) it returns (view, tokenizer view):
+    the second a uint8 (3, s, s) crop of the same decoded pixels, for a dVAE's MIM targets. Its random draws come
+    after all of the encoder view's, so the encoder view is the same with or without it."""
 
     def __init__(self, size: int, crop_scale, hflip: bool, normalize: str, train: bool, randaugment=None,
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, tokenizer_view=None):
+        if tokenizer_view is not None and not train:
+            raise ValueError("a tokenizer view is a train-time view; eval transforms do not make one")
         self.size, self.crop_scale, self.hflip, self.train = size, tuple(crop_scale), hflip, train
         self.normalize = normalize  # carried into the batch, applied on the device
         self.randaug = _randaugment(randaugment) if train else None
         self.max_pixels = max_pixels
+        self.tokenizer_view = tokenizer_view
 
-    def __call__(self, data: bytes, rng: random.Random | None) -> torch.Tensor:
+    def __call__(self, data: bytes, rng: random.Random | None):
         try:
             with warnings.catch_warnings():  # PIL warns above its own limit; our cap below decides
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -100,26 +107,48 @@ class ImageTransform:
         with im:
             w, h = im.size
             if self.train:
-                top, left, ch, cw = random_resized_crop_box(h, w, self.crop_scale, rng)
+                box = random_resized_crop_box(h, w, self.crop_scale, rng)
                 flip = self.hflip and rng.random() < 0.5
             else:
-                (top, left, ch, cw), flip = center_crop_box(h, w), False
-            if im.format in ("JPEG", "MPO") and min(ch, cw) >= 2 * self.size:
-                # the decoded image stays >= the requested size, so the crop keeps at least S x S pixels
-                im.draft("RGB", (math.ceil(w * self.size / cw), math.ceil(h * self.size / ch)))
-                sx, sy = im.size[0] / w, im.size[1] / h
-                top, left = int(top * sy), int(left * sx)
-                ch, cw = max(1, min(round(ch * sy), im.size[1] - top)), max(1, min(round(cw * sx), im.size[0] - left))
+                box, flip = center_crop_box(h, w), False
+            # (size, box, flip, RandAugment seed) per view, every draw made before decoding
+            views = [(self.size, box, flip, rng.getrandbits(63) if self.randaug is not None else None)]
+            tv = self.tokenizer_view
+            if tv is not None:
+                if tv.crop == "independent":
+                    box = random_resized_crop_box(h, w, self.crop_scale, rng)
+                    flip = self.hflip and rng.random() < 0.5
+                seed = rng.getrandbits(63) if tv.randaugment and self.randaug is not None else None
+                views.append((tv.size, box, flip, seed))
+            if im.format in ("JPEG", "MPO") and min(views[0][1][2:]) >= 2 * self.size:
+                # the decoded image stays >= the size the most demanding view requests, so each crop keeps at least
+                # its S x S pixels (a tokenizer view that needs more only lowers the reduction)
+                im.draft("RGB", (max(math.ceil(w * s / b[3]) for s, b, _, _ in views),
+                                 max(math.ceil(h * s / b[2]) for s, b, _, _ in views)))
+                views = [(s, _scale_box(b, w, h, *im.size), f, r) for s, b, f, r in views]
             check_pixels(*im.size, self.max_pixels)  # after draft: what convert() below would really decode
             im = im.convert("RGB")  # also forces the full decode, so truncated files fail here
             # a writable buffer (np.asarray of a PIL image is read-only, which torch warns about)
             a = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.size[1], im.size[0], 3)
-        x = _resize(a[top:top + ch, left:left + cw].permute(2, 0, 1)[None], self.size, "bicubic")
+        out = [self._view(a, *v) for v in views]
+        return out[0] if tv is None else (out[0], out[1][0])
+
+    def _view(self, a: torch.Tensor, size: int, box, flip: bool, seed: int | None) -> torch.Tensor:
+        top, left, ch, cw = box
+        x = _resize(a[top:top + ch, left:left + cw].permute(2, 0, 1)[None], size, "bicubic")
         if flip:
             x = x.flip(-1)
-        if self.randaug is not None:
-            x = _apply_seeded(self.randaug, x[0].contiguous(), rng)[None]
+        if seed is not None:
+            x = _apply_seeded(self.randaug, x[0].contiguous(), seed)[None]
         return x.contiguous()
+
+
+def _scale_box(box, w: int, h: int, dw: int, dh: int) -> tuple[int, int, int, int]:
+    """A (top, left, height, width) box of a w x h image in the coordinates of its dw x dh draft decode."""
+    top, left, ch, cw = box
+    sx, sy = dw / w, dh / h
+    top, left = int(top * sy), int(left * sx)
+    return top, left, max(1, min(round(ch * sy), dh - top)), max(1, min(round(cw * sx), dw - left))
 
 
 def _randaugment(cfg):
@@ -130,11 +159,11 @@ def _randaugment(cfg):
     return v2.RandAugment(num_ops=cfg.num_ops, magnitude=cfg.magnitude)
 
 
-def _apply_seeded(tf, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
-    # torchvision draws from torch's global RNG: seed a forked copy from the sample's own rng, so the result depends
-    # on the sample alone and the caller's RNG stream is left untouched
+def _apply_seeded(tf, x: torch.Tensor, seed: int) -> torch.Tensor:
+    # torchvision draws from torch's global RNG: seed a forked copy with a seed drawn from the sample's own rng, so
+    # the result depends on the sample alone and the caller's RNG stream is left untouched
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(rng.getrandbits(63))
+        torch.manual_seed(seed)
         return tf(x)
 
 
@@ -159,5 +188,5 @@ class ClipTransform:
         if flip:
             x = x.flip(-1)
         if self.randaug is not None:
-            x = _apply_seeded(self.randaug, x.contiguous(), rng)
+            x = _apply_seeded(self.randaug, x.contiguous(), rng.getrandbits(63))
         return x.contiguous()

@@ -57,20 +57,28 @@ class Attention(nn.Module):
 
     def forward(self, x, context, key_mask: Optional[torch.Tensor], return_attention: bool = False):
         """x (B, Lq, D) attends to context (B, Lk, D); key_mask (B, Lk) bool, True = attend, None = all."""
-        split = lambda z: z.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        p = self.dropout if self.training else 0.0
-        if return_attention:  # explicit softmax so the probabilities can be handed out
-            scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
-            if mask is not None:
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            probs = scores.softmax(-1)
-            out = F.dropout(probs, p, self.training) @ v
-        else:
-            probs = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return out.transpose(1, 2).flatten(2), probs
+        return attend(self.q(x), self.k(context), self.v(context), self.num_heads, key_mask,
+                      self.dropout if self.training else 0.0, return_attention)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, key_mask: Optional[torch.Tensor],
+           dropout: float = 0.0, return_attention: bool = False):
+    """Multi-head attention of projected q (B, Lq, D) on k, v (B, Lk, D) -> ((B, Lq, D), probs or None).
+    key_mask (B, Lk) bool, True = attend; dropout: the attention-probability dropout (0 in eval)."""
+    head_dim = q.shape[-1] // num_heads
+    split = lambda z: z.unflatten(-1, (num_heads, head_dim)).transpose(1, 2)
+    q, k, v = split(q), split(k), split(v)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    if return_attention:  # explicit softmax so the probabilities can be handed out
+        scores = (q @ k.transpose(-2, -1)) * head_dim ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = scores.softmax(-1)
+        out = F.dropout(probs, dropout, dropout > 0) @ v
+    else:
+        probs = None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return out.transpose(1, 2).flatten(2), probs
 
 
 class CrossLayer(nn.Module):

@@ -5,6 +5,7 @@ All helpers draw independently per sample and take an optional torch.Generator (
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -167,3 +168,37 @@ def official_mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, con
     masked = torch.where(replaced, torch.full_like(ids, mask_token_id), ids)
     masked = torch.where(random, words_drawn, masked)
     return masked.to(device), labels.to(device)
+
+
+def blockwise_mask(height: int, width: int, num_masked: int, min_block: int, rng,
+                   max_block: Optional[int] = None, min_aspect: float = 0.3,
+                   max_aspect: Optional[float] = None) -> torch.Tensor:
+    """(height * width,) bool: BEiT's blockwise masking of a patch grid (SIMLA: 75 of 16 x 16, min block 16, aspect
+    0.3 - 3.33). Rectangles of area U(min_block, room) and log-uniform aspect are added while they add at least one
+    new patch without exceeding `num_masked` (at most 10 tries each); it stops when `num_masked` patches are masked or
+    a round of tries adds nothing, so a small grid may end a little short, as BEiT's generator does. A rectangle
+    never spans the whole grid height or width (BEiT's strict bound). rng: a random.Random (one per sample)."""
+    max_block = num_masked if max_block is None else max_block
+    lo, hi = math.log(min_aspect), math.log(max_aspect if max_aspect is not None else 1 / min_aspect)
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    count = 0
+    while count < num_masked:
+        room = min(num_masked - count, max_block)
+        added = 0
+        for _ in range(10):
+            area = rng.uniform(min_block, room)
+            aspect = math.exp(rng.uniform(lo, hi))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < width and h < height:
+                top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+                block = mask[top:top + h, left:left + w]
+                new = h * w - int(block.sum())
+                if 0 < new <= room:
+                    block.fill_(True)
+                    added = new
+            if added:
+                break
+        if not added:
+            break
+        count += added
+    return mask.flatten()

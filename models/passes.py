@@ -82,22 +82,29 @@ class ContrastiveScores(Pass):
 class MomentumFeatures(NamedTuple):
     image: torch.Tensor   # (B, E) L2-normalised retrieval embeddings of the momentum encoders
     text: torch.Tensor
+    image_tokens: ImageTokens   # the momentum vision tower's output (before any fusion input projection)
 
 
 class MomentumEncoding(Pass):
-    """The batch through the momentum (EMA) copies of the towers, input projections and ITC head; no gradient.
-    Setting: `coefficient` (the EMA momentum; the engine's after-step hook applies it)."""
+    """The batch through the momentum (EMA) copies of the towers, input projections and ITC head (the family's
+    retrieval path); no gradient. Setting: `coefficient` (the EMA momentum; the engine's after-step hook applies it)."""
     name, kind = "momentum", "no_grad"
-    momentum_modules = ("vision", "text", "fusion.image_in", "fusion.text_in", "itc")
+
+    @classmethod
+    def create(cls, env, **settings) -> "MomentumEncoding":
+        inst = cls(**settings)
+        inst.momentum_modules = tuple(env.backbone.retrieval_modules)
+        return inst
 
     def compute(self, ctx) -> MomentumFeatures:
         m = ctx.model.momentum
+        get = lambda name: m.copy_of(name) if name in self.momentum_modules else None
         with torch.no_grad():
-            image = image_embedding(m.copy_of("vision"), m.copy_of("fusion.image_in"), m.copy_of("itc"),
-                                    ctx.pixel_values)
-            text = text_embedding(m.copy_of("text"), m.copy_of("fusion.text_in"), m.copy_of("itc"), ctx.input_ids,
-                                  ctx.attention_mask)
-        return MomentumFeatures(image, text)
+            out = get("vision")(ctx.pixel_values)
+            tokens = ImageTokens(out.tokens, out.num_frames)
+            image = image_embedding(get, ctx.pixel_values, tokens)
+            text = text_embedding(get, ctx.input_ids, ctx.attention_mask)
+        return MomentumFeatures(image, text, tokens)
 
 
 class StepContext:
@@ -114,6 +121,7 @@ class StepContext:
         # fine-tuning retrieval: (B,) id of each sample's image; samples sharing one are positives of each other in
         # ITC and never each other's ITM negatives (ALBEF's `idx`). None: every sample is its own image.
         self.image_ids: Optional[torch.Tensor] = batch.get("image_ids")
+        self.batch = batch   # an objective's own batch keys (its `batch_keys`), e.g. MIM's tokenizer_pixels
         self.gather = model.gather
         self.values: dict[str, Any] = {}
 
@@ -142,6 +150,16 @@ class StepContext:
     @property
     def text(self) -> torch.Tensor:
         return self.get(TextEncoding)
+
+    @property
+    def fusion_text(self) -> torch.Tensor:
+        """(B, L, D) the fusion's text input for the unmasked caption (backbone.fusion_text): the text encoding
+        itself in the coattention family, the caption embeddings in the single-stream one."""
+        if "fusion_text" not in self.values:
+            m = self.model
+            self.values["fusion_text"] = self.text if m.fuses_text_encoding else m.fusion_text(self.input_ids,
+                                                                                             self.attention_mask)
+        return self.values["fusion_text"]
 
     @property
     def num_frames(self) -> int:

@@ -51,6 +51,9 @@ class VisionConfig:
     # a vision-tower file written by `train/convert_checkpoint.py import` (timm ViT / OpenAI CLIP weights mapped to
     # this tower); loaded strictly at build, position embeddings resampled to img_size. None = random init.
     pretrained: Optional[str] = None
+    # a learnable [MASK] patch embedding (zeros init) that `forward(token_mask=...)` mixes in before the position
+    # embedding: SIMLA's image-side MIM (`visual_encoder.mask_token`); its momentum copy follows the tower's
+    mask_token: bool = False
 
     def validate(self) -> None:
         """Every check that needs no weights: field ranges, the timm name, and the architecture it resolves to (built
@@ -160,9 +163,11 @@ class VisionEncoder(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         std = self.embed_dim ** -0.5 if cfg.temporal_init_std is None else cfg.temporal_init_std
         self.temporal_embed = nn.Parameter(torch.randn(1, cfg.max_frames, self.embed_dim) * std)
+        if cfg.mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
 
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "pos_embed", "temporal_embed"}
+        return {"cls_token", "pos_embed", "temporal_embed"} | ({"mask_token"} if self.cfg.mask_token else set())
 
     def embed(self, pixel_values: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
               mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -170,15 +175,19 @@ class VisionEncoder(nn.Module):
 
         token_mask (B, P) bool with mask_token (1, 1, D): those patch embeddings are replaced by the mask token before
         the position embedding is added (SimMIM/BEiT-style, GLSCL's MLTC); for videos the same positions are masked
-        in every frame (tube masking).
+        in every frame (tube masking). token_mask alone: the tower's own mask token (model.vision.mask_token).
         """
+        if token_mask is not None and mask_token is None:
+            if not self.cfg.mask_token:
+                raise ValueError("token_mask without mask_token needs the tower's own (model.vision.mask_token)")
+            mask_token = self.mask_token
         if pixel_values.dim() != 5:
             raise ValueError(f"pixel_values must be (B, F, 3, H, W), got shape {tuple(pixel_values.shape)}")
         b, f = pixel_values.shape[:2]
         if f > self.cfg.max_frames:
             raise ValueError(f"{f} frames given but model.vision.max_frames={self.cfg.max_frames}")
-        if (token_mask is None) != (mask_token is None):
-            raise ValueError("token_mask and mask_token must be given together")
+        if mask_token is not None and token_mask is None:
+            raise ValueError("mask_token given without token_mask")
         x = pixel_values.flatten(0, 1).to(self.patch_embed.proj.weight.dtype)
         x = self.patch_embed(x)
         if token_mask is not None:

@@ -44,6 +44,13 @@ def resolve_objectives(names) -> list[type]:
     return order
 
 
+def check_families(names, family: str) -> None:
+    wrong = [n for n in names if n in OBJECTIVES and family not in OBJECTIVES[n].families]
+    if wrong:
+        raise ValueError(f"objectives.{wrong[0]}: works with model.family "
+                         f"{' or '.join(OBJECTIVES[wrong[0]].families)}, not {family!r}")
+
+
 def heads_needed(names) -> list[str]:
     need = {h for n in names for h in OBJECTIVES[n].heads}
     return [h for h in HEADS if h in need]
@@ -52,6 +59,7 @@ def heads_needed(names) -> list[str]:
 class VLPModel(VLPBackbone):
     def __init__(self, cfg: ModelConfig, objective_cfgs: dict, tokenizer):
         classes = resolve_objectives(list(objective_cfgs))
+        check_families(objective_cfgs, cfg.family)
         need = heads_needed(objective_cfgs)
         heads = need if cfg.heads is None else list(cfg.heads)
         missing = [h for h in need if h not in heads]
@@ -69,15 +77,16 @@ class VLPModel(VLPBackbone):
         self.objectives = nn.ModuleDict(objectives)
         self.passes = nn.ModuleDict(env.passes)   # no parameters; buffers follow the device
         self.weights = {n: float(objective_cfgs[n].weight) for n in self.objectives}
-        self.momentum = self._build_momentum()
+        self.momentum = self._build_momentum(env)
 
-    def _build_momentum(self) -> Optional[nn.Module]:
-        names = [m for p in self.passes.values() for m in p.momentum_modules]
+    def _build_momentum(self, env: BuildEnv) -> Optional[nn.Module]:
+        names = [m for p in self.passes.values() for m in p.momentum_modules] + list(env.momentum_modules)
         if not names:
             return None
         from models.momentum import MomentumCopies
 
         coefficients = {p.settings["coefficient"] for p in self.passes.values() if p.momentum_modules}
+        coefficients |= set(env.momentum_modules.values())
         if len(coefficients) != 1:
             raise ValueError(f"momentum encoders: the objectives ask for different coefficients {sorted(coefficients)}")
         return MomentumCopies(self, list(dict.fromkeys(names)), coefficients.pop())

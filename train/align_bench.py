@@ -59,7 +59,7 @@ def cross_attention_maps(model, pixel_values: torch.Tensor, input_ids: torch.Ten
     """(B, F, 3, H, W) normalised pixels + text -> (B, Lt, F, gh, gw) float: the last fusion layer's text->image
     cross-attention probabilities, max over heads, the frame-CLS columns dropped, the patch columns as grids."""
     image = model.encode_image(pixel_values)
-    text = model.encode_text(input_ids, attention_mask)
+    text = model.fusion_text(input_ids, attention_mask)
     out = model.fuse(text, attention_mask, image, return_attention=True)
     att = out.text_to_image_attentions[-1].float().amax(1)   # (B, Lt, Nv), Nv = F + F * P
     f = image.num_frames

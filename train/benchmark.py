@@ -6,15 +6,24 @@
 
 What one step is: VLPModel forward over the config's objectives (shared encoder passes), backward, optimizer step -
 exactly the training step minus the data loader (`datasets/benchmark.py` measures that side). Weights are random init
-(a text tower naming a missing local dir is built at its architecture's size, as train/flops.py does).
+(a text tower naming a missing local dir, a missing vision file or image-tokenizer file are built at their size, as
+train/flops.py does: SIMLA's dVAE stand-in has the DALL-E encoder's size). Synthetic batches carry what the data
+pipeline would: `tokenizer_pixels` at `data.tokenizer_view.size` when the config sets a tokenizer view.
+A single-stream (SIMLA) config at toy size on CPU, e.g.:
+    python train/benchmark.py --config train/configs/simla_4m.yaml --batch 2 --steps 2 --warmup 1 data.image_size=64 \
+        model.vision.img_size=64 model.vision.embed_dim=64 model.vision.depth=1 model.vision.num_heads=2 \
+        "model.text={tokenizer: minilm, hidden_size: 64, num_layers: 1, num_heads: 2, intermediate_size: 128}" \
+        objectives.xmm_image.num_masked=5 objectives.xmm_image.min_block=2 data.tokenizer_view.size=32
 
   --engine torch      AdamW (fused on CUDA) + torch.autocast(dtype); fp16 adds a GradScaler. Needs no DeepSpeed.
   --engine deepspeed  deepspeed.initialize with the given ds_config (its batch sizes set to --batch x 1 GPU).
 
 FLOPs per sample are counted on the same device with torch's FlopCounterMode (matmuls/convs/attention, forward +
-backward, one step of batch 2 as train/flops.py counts "ours"); MFU = FLOPs/sample x samples/s / peak. The peak is
+backward, one step of batch 2 as train/flops.py counts "ours", attention on CPU included); MFU = FLOPs/sample x
+samples/s / peak. The peak is
 the dense bf16/fp16 tensor-core number of the GPU (H100/H200 SXM 989 TFLOP/s, A100 312) unless --peak-tflops says
 otherwise; on CPU there is no default and MFU is not printed.
+Peak memory: CUDA's max allocated; on CPU the process's peak resident set (whole process, build included).
 Last line: `samples_per_sec: X mfu: Y` (Y = n/a without a peak).
 """
 from __future__ import annotations
@@ -41,9 +50,9 @@ def default_peak(device: torch.device, dtype: str) -> float | None:
 
 def count_flops_per_sample(model, batch: dict) -> float:
     """Forward + backward FLOPs per sample of one training step as VLPModel runs it (batch >= 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from train.flops import flop_counter
 
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         model(batch)["loss"].backward()
     model.zero_grad(set_to_none=True)
     return fc.get_total_flops() / batch["pixel_values"].shape[0]
@@ -56,11 +65,13 @@ def to_device(batch: dict, device) -> dict:
 def build(cfg, device, log=print):
     from models.vlp import build_model
     from train.engine import apply_activation_checkpointing
-    from train.flops import prepare_model_config
+    from train.flops import prepare_model_config, prepare_objectives, swap_tokenizers
 
     model_cfg, tokenizer = prepare_model_config(cfg, log)
+    objectives, stand_ins = prepare_objectives(dict(cfg.objectives), log)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(model_cfg, cfg.objectives, tokenizer).to(device).train()
+    model = build_model(model_cfg, objectives, tokenizer).to(device).train()
+    swap_tokenizers(model, stand_ins)   # (a frozen dVAE outside the module tree: it follows the batch's device)
     applied = apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     return model, tokenizer, applied
 
@@ -103,8 +114,9 @@ def deepspeed_step_fn(model, cfg, ds_config_path: str, batch_size: int):
     half = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
 
     def step(batch):
-        if half is not None:
-            batch = {k: v.to(half) if v.is_floating_point() else v for k, v in batch.items()}
+        if half is not None:   # as the engine's to_device: the tokenizer view stays float32 (its codes are an argmax)
+            batch = {k: v.to(half) if v.is_floating_point() and k != "tokenizer_pixels" else v
+                     for k, v in batch.items()}
         loss = engine(batch)["loss"]
         engine.backward(loss)
         engine.step()
@@ -120,7 +132,7 @@ def sync(device):
 
 def main(argv=None) -> int:
     from train.config import ConfigError, load_config
-    from train.flops import synthetic_batch
+    from train.flops import synthetic_batch, tokenizer_view_size
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
@@ -151,8 +163,9 @@ def main(argv=None) -> int:
 
     model, tokenizer, applied = build(cfg, device)
     frames = max(1, cfg.data.num_frames)
+    view = tokenizer_view_size(cfg.data)
     make = lambda b, seed: to_device(synthetic_batch(tokenizer, b, frames, cfg.data.image_size,  # noqa: E731
-                                                     cfg.data.max_text_len, seed=seed), device)
+                                                     cfg.data.max_text_len, seed=seed, tokenizer_view=view), device)
     with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
         flops = count_flops_per_sample(model, make(2, 0))
     step = (torch_step_fn(model, cfg, device, dtype) if args.engine == "torch"
@@ -177,7 +190,8 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"config {args.config}; device {name}; engine {args.engine}; dtype {dtype}; micro batch {batch_size}; "
-          f"frames {frames}; image {cfg.data.image_size}px; text {cfg.data.max_text_len} tokens")
+          f"frames {frames}; image {cfg.data.image_size}px; text {cfg.data.max_text_len} tokens"
+          + (f"; tokenizer view {view}px" if view else ""))
     print(f"objectives {','.join(model.objectives)}; params {n_params / 1e6:.1f}M; activation checkpointing {applied}")
     print(f"{'step time':<28}{elapsed / args.steps * 1e3:10.1f} ms  (mean of {args.steps} after {args.warmup} warmup)")
     print(f"{'samples/s (this device)':<28}{sps:10.1f}")
@@ -185,6 +199,10 @@ def main(argv=None) -> int:
     print(f"{'achieved TFLOP/s':<28}{achieved:10.1f}")
     if device.type == "cuda":
         print(f"{'peak memory allocated':<28}{torch.cuda.max_memory_allocated(device) / 2 ** 30:10.2f} GiB")
+    else:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
+        print(f"{'peak memory (process RSS)':<28}{rss:10.2f} GiB")
     print(f"{'final loss':<28}{loss:10.3f}")
     mfu = f"{achieved / peak:.4g}" if peak else "n/a"
     if peak:

@@ -37,6 +37,11 @@ def check_config(cfg, path: str) -> None:
     if p is not None and not any("mlm_labels" in OBJECTIVES[n].batch_keys for n in cfg.objectives):
         _fail(path, "data.mlm_probability", "is set but no enabled objective reads the masked text it adds "
               "(enable objectives.mlm)")
+    from models.vlp import check_families
+    try:
+        check_families(cfg.objectives, cfg.model.family)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if cfg.model.heads is not None:
         from models.vlp import heads_needed
         missing = [h for h in heads_needed(cfg.objectives) if h not in cfg.model.heads]

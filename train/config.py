@@ -44,6 +44,15 @@ class WandbConfig:
 
 
 @dataclass
+class StaircaseConfig:
+    # train.schedule: staircase, the released ALBEF/SIMLA schedule (train/optim.py staircase_factor)
+    steps_per_epoch: Optional[int] = None  # optimizer steps per epoch; required by the staircase
+    epochs: int = 30                      # cosine length in epochs (SIMLA: 30)
+    step_size: int = 100                  # iterations per warmup stair
+    warmup_epochs: int = 20               # warmup stairs, despite the name (20 x 100 = 2,000 iterations)
+
+
+@dataclass
 class TrainConfig:
     micro_batch_size: int = 8             # per rank, per forward pass
     global_batch_size: int = 8            # = micro_batch_size * accumulation * world_size
@@ -53,8 +62,12 @@ class TrainConfig:
     epochs: Optional[float] = None
     lr: float = 1e-4
     warmup_ratio: float = 0.05
-    schedule: Literal["linear", "cosine"] = "cosine"
+    warmup_steps: Optional[int] = None    # absolute warmup length; overrides warmup_ratio when set (SIMLA: 2000)
+    warmup_start_ratio: float = 0.0       # warmup starts at this fraction of the peak lr (SIMLA: 1e-5/1e-4 = 0.1)
+    # staircase: the released ALBEF/SIMLA schedule, parameters in train.staircase (warmup_ratio/steps unused)
+    schedule: Literal["linear", "cosine", "staircase"] = "cosine"
     min_lr_ratio: float = 0.0
+    staircase: StaircaseConfig = field(default_factory=StaircaseConfig)
     weight_decay: float = 0.02
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
@@ -254,6 +267,18 @@ def _validate_train(t: TrainConfig) -> None:
     check(t.lr > 0, "lr", "must be > 0")
     check(0 <= t.warmup_ratio <= 1, "warmup_ratio", "must be in [0, 1]")
     check(0 <= t.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+    check(t.warmup_steps is None or t.warmup_steps >= 0, "warmup_steps", f"must be null or >= 0, got {t.warmup_steps}")
+    check(0 <= t.warmup_start_ratio <= 1, "warmup_start_ratio", f"must be in [0, 1], got {t.warmup_start_ratio}")
+    sc = t.staircase
+    if t.schedule == "staircase":
+        check(sc.steps_per_epoch is not None, "staircase.steps_per_epoch", "is required when train.schedule is staircase")
+        check(t.warmup_steps is None, "warmup_steps",
+              "not used by schedule staircase (its warmup is train.staircase.warmup_epochs x step_size)")
+    check(sc.steps_per_epoch is None or sc.steps_per_epoch > 0, "staircase.steps_per_epoch",
+          f"must be > 0, got {sc.steps_per_epoch}")
+    check(sc.epochs > 0, "staircase.epochs", f"must be > 0, got {sc.epochs}")
+    check(sc.step_size > 0, "staircase.step_size", f"must be > 0, got {sc.step_size}")
+    check(sc.warmup_epochs >= 0, "staircase.warmup_epochs", f"must be >= 0, got {sc.warmup_epochs}")
     check(len(t.betas) == 2, "betas", "expected 2 values")
     check(all(0 <= b < 1 for b in t.betas), "betas", f"each must be in [0, 1), got {t.betas}")
     check(t.eps > 0, "eps", f"must be > 0, got {t.eps}")

@@ -4,6 +4,8 @@
   python train/convert_checkpoint.py to-finetune IN OUT.safetensors [--image-size S] [--num-frames F]
   python train/convert_checkpoint.py import --format {hf-bert,hf-roberta,timm-vit,openai-clip} SRC OUT.safetensors
   python train/convert_checkpoint.py import --format scl|meter CKPT OUT.safetensors [--config Y] [--tokenizer D]
+  python train/convert_checkpoint.py import --format dalle-dvae --trust-pickle encoder.pkl OUT.safetensors
+  python train/convert_checkpoint.py import --format simla CKPT OUT.safetensors [--tokenizer D|minilm] [--config Y]
   python train/convert_checkpoint.py export --tower {vision,text} IN OUT_DIR
   python train/convert_checkpoint.py export --format scl IN OUT.ckpt
   python train/convert_checkpoint.py info FILE.safetensors
@@ -13,7 +15,10 @@ dir, of any ZeRO stage (0-3); it is consolidated to fp32 through DeepSpeed's Pyt
 is safetensors with metadata: `kind` (vlp = a whole VLPModel, vision / text = one tower), the run config (`config`,
 JSON) or the tower config, and the names it dropped. Loads are strict: missing/unexpected keys are named.
 Exit code 2 = bad input (file, key, argument), with a one-line message.
-The released SCL/GLSCL and METER checkpoints (official key names, Lightning files) are mapped by train/scl_format.py.
+The released SCL/GLSCL and METER checkpoints (official key names, Lightning files) are mapped by train/scl_format.py,
+the released SIMLA ones (pretraining 4M, COCO retrieval) by train/simla_format.py.
+The DALL-E dVAE encoder (kind dvae: SIMLA's frozen image tokenizer, models/dvae.py) is a pickled module: it is read
+only with --trust-pickle, by a restricted unpickler that runs none of its code.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -306,6 +312,31 @@ def cmd_import_scl(args) -> None:
           f"{run_yaml}")
 
 
+def cmd_import_simla(args) -> None:
+    """A released SIMLA checkpoint (pretraining or COCO retrieval) -> a whole-model (kind vlp) file."""
+    from models.weights import save_weights
+    from train import simla_format
+
+    _check_out_file(args.out)
+    imported, config, meta = simla_format.import_checkpoint(args.src, args.config, args.tokenizer)
+    meta["text_hf_config"] = text_hf_config(config["model"]["text"])
+    save_weights(imported.state_dict, args.out, meta)
+    run_yaml = write_run_config(config, args.out)
+    for note in imported.notes:
+        print(note)
+    by_reason: dict[str, list[str]] = {}
+    layout = meta["format_in"].split("-", 1)[1]
+    for k in imported.dropped:
+        by_reason.setdefault(simla_format.dropped_why(k, layout), []).append(k)
+    for why, names in by_reason.items():
+        _print_dropped(names, why)
+    n = sum(v.numel() for v in imported.state_dict.values())
+    print(f"wrote {args.out}: SIMLA {layout} checkpoint (epoch {meta['epoch']}) -> {len(imported.state_dict)} "
+          f"tensors, {n / 1e6:.2f}M values, fp32; objectives: {', '.join(config['objectives'])}")
+    print(f"wrote {run_yaml}: its run config with train.init_from = {args.out}; fine-tune from it with `to-finetune "
+          f"{args.out} INIT.safetensors`, or point data.* at your shards and pretrain further")
+
+
 def write_run_config(config: dict, weights: str) -> str:
     """OUT.yaml beside OUT.safetensors: the run config of an imported model, starting from those weights."""
     import yaml
@@ -322,9 +353,158 @@ def write_run_config(config: dict, weights: str) -> str:
     return path
 
 
+# ------------------------------------------------------------------------------------------- dall_e dVAE encoder
+# OpenAI released the dVAE encoder as a whole pickled module (torch.save(model)), which weights_only=True cannot read.
+# With --trust-pickle it is read by a restricted unpickler: dall_e's and torch.nn's module classes become inert stubs
+# (their pickled __dict__ is kept, no code of theirs runs, dall_e is never imported) and the only callables allowed are
+# torch's tensor rebuilds, torch.device and plain containers. torch.load still does the file handling (zip or legacy
+# format, storages), through our module as its `pickle_module`.
+_PICKLE_ALLOWED = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                   ("torch", "device"), ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+                   ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state")}
+
+
+class _Stub:
+    """Stands in for a pickled module object: keeps its state, has no behaviour."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+_STUBS: dict[tuple[str, str], type] = {}
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+def _restricted_pickle_module():
+    import _compat_pickle
+    import types
+
+    import torch
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)  # protocol 2 writes __builtin__
+            if (module, name) in _PICKLE_ALLOWED:
+                return getattr(torch._utils if module == "torch._utils" else __import__(module), name)
+            if module == "dall_e" or module.startswith(("dall_e.", "torch.nn.modules.")):
+                return _STUBS.setdefault((module, name), type(name, (_Stub,), {"__module__": "stub:" + module}))
+            raise _Refused(f"refusing to unpickle {module}.{name} (only dall_e / torch.nn module "
+                                         "classes, torch tensor rebuilds and plain containers are allowed)")
+
+    def load(file, **kwargs):  # torch's legacy format reads its header records with pickle_module.load
+        return Unpickler(file, **kwargs).load()
+
+    mod = types.ModuleType("glscl_restricted_pickle")
+    mod.Unpickler, mod.load = Unpickler, load
+    return mod
+
+
+def read_dalle_pickle(path: str) -> tuple[dict, dict]:
+    """The released dall_e encoder.pkl (or a pickled state dict) -> (flat state dict, the root's pickled attributes)."""
+    import warnings
+    import zipfile
+
+    import torch
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:   # torch.load would hand a TorchScript archive to torch.jit.load
+            if any(n.endswith("/constants.pkl") for n in z.namelist()):
+                raise UserError(f"{path}: a TorchScript archive, not a pickled dall_e encoder")
+    try:
+        with warnings.catch_warnings():
+            # the legacy format stores each module class's source; torch warns that it cannot compare it with a stub's
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+            root = torch.load(path, map_location="cpu", pickle_module=_restricted_pickle_module(), weights_only=False)
+    except _Refused as e:
+        raise UserError(f"{path}: {e}") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot read as a pickled dall_e encoder ({type(e).__name__}: {first})") from None
+    if isinstance(root, dict) and root and all(isinstance(k, str) and torch.is_tensor(v) for k, v in root.items()):
+        return dict(root), {}
+    if not isinstance(root, _Stub):
+        raise UserError(f"{path}: holds a {type(root).__name__}, not a pickled dall_e Encoder module")
+    sd: dict = {}
+
+    def walk(obj, prefix):
+        d = obj.__dict__
+        skip = d.get("_non_persistent_buffers_set") or set()
+        for group in ("_parameters", "_buffers"):
+            for name, t in (d.get(group) or {}).items():
+                if t is None or (group == "_buffers" and name in skip):
+                    continue
+                if not torch.is_tensor(t):
+                    raise UserError(f"{path}: {prefix}{name} is a {type(t).__name__}, not a tensor")
+                sd[prefix + name] = t.detach().float() if t.is_floating_point() else t.detach()
+        for name, child in (d.get("_modules") or {}).items():
+            if child is not None:
+                if not isinstance(child, _Stub):
+                    raise UserError(f"{path}: {prefix}{name} is a {type(child).__name__}, not a module")
+                walk(child, f"{prefix}{name}.")
+
+    try:
+        walk(root, "")
+    except (TypeError, AttributeError, RecursionError) as e:   # a stub where a dict/set belongs, a cycle
+        raise UserError(f"{path}: not a pickled dall_e Encoder module (malformed module state: {e})") from None
+    return sd, {k: v for k, v in root.__dict__.items() if not k.startswith("_")}
+
+
+def cmd_import_dvae(args) -> None:
+    import re
+
+    from models.dvae import DVAEEncoder
+    from models.weights import load_strict, save_weights
+
+    _check_out_file(args.out)
+    if not args.trust_pickle:
+        raise UserError(f"{args.src}: the released dall_e encoder is a whole pickled module, not loadable with "
+                        "weights_only=True; pass --trust-pickle to read it with a restricted unpickler (dall_e's code "
+                        "is never imported or run; only its stored tensors and sizes are read)")
+    if not os.path.isfile(args.src):
+        raise UserError(f"{args.src}: no such file")
+    sd, attrs = read_dalle_pickle(args.src)
+    for k in ("blocks.input.w", "blocks.output.conv.w"):
+        if k not in sd or sd[k].dim() != 4:
+            raise UserError(f"{args.src}: not a dall_e encoder (no 4-d {k!r})")
+    # Sizes come from the shapes; the pickled attributes, where present, must agree with them.
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", k))}
+    sizes = {"hidden": sd["blocks.input.w"].shape[0], "blocks_per_group": len(blocks),
+             "vocab_size": sd["blocks.output.conv.w"].shape[0], "in_channels": sd["blocks.input.w"].shape[1]}
+    for ours, theirs in (("hidden", "n_hid"), ("blocks_per_group", "n_blk_per_group"), ("vocab_size", "vocab_size"),
+                         ("in_channels", "input_channels")):
+        if theirs in attrs and attrs[theirs] != sizes[ours]:
+            raise UserError(f"{args.src}: the encoder says {theirs}={attrs[theirs]!r}, its weights say {sizes[ours]}")
+    try:
+        model = DVAEEncoder(**sizes)
+    except ValueError as e:
+        raise UserError(f"{args.src}: {e}") from None
+    load_strict(model, sd, f"{args.src}: dall_e encoder weights vs DVAEEncoder{tuple(sizes.values())}")
+    save_weights(sd, args.out, {"kind": "dvae", **sizes, "source": os.path.abspath(args.src),
+                                "format_in": "dalle-dvae"})
+    print(f"wrote {args.out}: dVAE image tokenizer, {len(sd)} tensors, "
+          f"{sum(v.numel() for v in sd.values()) / 1e6:.2f}M values, fp32; sizes: {json.dumps(sizes)}; "
+          "load with models.dvae.load_dvae")
+
+
 def cmd_import(args) -> None:
+    if args.format == "dalle-dvae":
+        return cmd_import_dvae(args)
+    if args.trust_pickle:
+        raise UserError("--trust-pickle is only for --format dalle-dvae (every other input loads with "
+                        "weights_only=True)")
     if args.format in ("scl", "meter"):
         return cmd_import_scl(args)
+    if args.format == "simla":
+        return cmd_import_simla(args)
     from models.weights import (WeightsError, build_vision_tower, check_keys, hf_text_model, hf_text_to_tower,
                                 infer_vit_shape, load_strict, load_weights, openai_clip_to_timm, read_hf_dir,
                                 save_weights, text_config_dict, timm_vit_to_tower, tower_to_hf_text,
@@ -471,7 +651,7 @@ def cmd_info(args) -> None:
     sd, meta = load_input(args.input)
     n = sum(v.numel() for v in sd.values())
     print(f"{args.input}: kind {meta.get('kind')}, {len(sd)} tensors, {n / 1e6:.2f}M values")
-    for k in ("source", "zero_stage", "step", "stage", "format_in"):
+    for k in ("source", "zero_stage", "step", "stage", "format_in", "hidden", "blocks_per_group", "vocab_size"):
         if k in meta:
             print(f"  {k}: {meta[k]}")
     if meta.get("dropped"):
@@ -516,11 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import", help="public weights -> one of our towers, or an SCL/GLSCL/METER checkpoint -> "
                                       "a whole model")
     i.add_argument("--format", required=True,
-                   choices=["hf-bert", "hf-roberta", "timm-vit", "openai-clip", "scl", "meter"],
+                   choices=["hf-bert", "hf-roberta", "timm-vit", "openai-clip", "scl", "meter", "dalle-dvae", "simla"],
                    help="scl: the released SCL/GLSCL (or METER, recognised by its keys) Lightning checkpoints; "
-                        "meter: the same, insisting on METER's layout")
-    i.add_argument("src", help="transformers model dir (hf-*), a state dict file .pth/.bin/.safetensors, or an "
-                               "official .ckpt (scl, meter)")
+                        "meter: the same, insisting on METER's layout; dalle-dvae: OpenAI's DALL-E dVAE encoder.pkl "
+                        "(SIMLA's image tokenizer; needs --trust-pickle); simla: the released SIMLA pretraining / "
+                        "COCO-retrieval checkpoints")
+    i.add_argument("src", help="transformers model dir (hf-*), a state dict file .pth/.bin/.safetensors, an "
+                               "official .ckpt (scl, meter) / .pth (simla), or dall_e's encoder.pkl (dalle-dvae)")
     i.add_argument("out", help="output .safetensors")
     i.add_argument("--drop-last-blocks", type=int, default=0, help="drop the last K transformer blocks/layers")
     i.add_argument("--timm-name", help="timm architecture of the weights (timm-vit: required; openai-clip: default "
@@ -529,9 +711,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--image-size", type=int, help="resample the position embedding to this resolution (pixels)")
     i.add_argument("--max-frames", type=int, default=8, help="rows of the new temporal embedding (zeros)")
     i.add_argument("--config", help="scl/meter: the run config to start from (default: glscl_4m.yaml, or scl_4m.yaml "
-                                    "for a file without MLTC's mask token); sizes and objectives follow the file")
+                                    "for a file without MLTC's mask token); simla: default simla_4m.yaml; sizes and "
+                                    "objectives follow the file")
     i.add_argument("--tokenizer", help="scl/meter: a local roberta-base tokenizer directory (default: the config's "
-                                       "model.text.tokenizer/pretrained; nothing is downloaded)")
+                                       "model.text.tokenizer/pretrained); simla: a local bert-base-uncased tokenizer "
+                                       "directory or 'minilm' (default: minilm, the same uncased vocabulary); "
+                                       "nothing is downloaded")
+    i.add_argument("--trust-pickle", action="store_true",
+                   help="dalle-dvae: read the pickled module with a restricted unpickler (stubs for its classes, only "
+                        "torch tensor rebuilds run)")
     i.set_defaults(fn=cmd_import)
 
     e = sub.add_parser("export", help="one of our towers -> timm / transformers, or a whole model -> the official "

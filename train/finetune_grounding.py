@@ -138,6 +138,7 @@ def build(cfg, dist) -> launch.Built:
     from datasets.grounding import GroundingEvalSet
     from datasets.task_loader import TaskLoader, eval_batches
     from datasets.task_sets import RetrievalPairs
+    from models.backbone import fusion_depth
     from models.tasks.grounding import check_layer
     from models.text import load_tokenizer
     from models.vlp import build_model
@@ -149,7 +150,7 @@ def build(cfg, dist) -> launch.Built:
         raise ConfigError("objectives: grounding scores with the ITM head (Grad-CAM of the ITM score): enable "
                           "objectives.itm (ALBEF / SIMLA fine-tune ITC + ITM)")
     try:
-        check_layer(task.gradcam_layer, cfg.model.fusion.num_layers)
+        check_layer(task.gradcam_layer, fusion_depth(cfg.model))
     except ValueError as e:
         raise ConfigError(f"task.gradcam_layer: {e}") from None
     items, eval_skipped = read_eval_items(task)

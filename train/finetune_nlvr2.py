@@ -27,6 +27,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from train import finetune, launch  # noqa: E402
+from train.config import ConfigError  # noqa: E402
 
 NUM_TOKEN_TYPES = 3   # text 0, left image 1, right image 2
 
@@ -64,6 +65,10 @@ def build(cfg, dist) -> launch.Built:
     from train.engine import seed_all
 
     task, t = cfg.task, cfg.train
+    if cfg.model.family != "coattention":
+        raise ConfigError(f"model.family: NLVR2 fine-tuning needs the coattention family (its two passes tell the images "
+                          f"apart by modality type); SIMLA's NLVR2 model (an 18-layer BERT with duplicated layers and a "
+                          f"text-assignment pre-stage) is not implemented, got {cfg.model.family!r}")
     tokenizer = load_tokenizer(cfg.model.text)
     train_items = [] if task.eval_only else \
         [it for i, src in enumerate(task.train) for it in read_items(src, f"task.train[{i}]")]

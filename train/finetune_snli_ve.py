@@ -53,6 +53,7 @@ def build(cfg, dist) -> launch.Built:
     from datasets.snli_ve import LABELS
     from datasets.task_loader import TaskLoader
     from datasets.task_sets_pairs import SnliVeSet
+    from models.backbone import pooled_dim
     from models.tasks.base import TaskModel
     from models.tasks.classify import ImageTextClassifier
     from models.text import load_tokenizer
@@ -66,7 +67,7 @@ def build(cfg, dist) -> launch.Built:
     splits = {name: SnliVeSet(read_items(src, f"task.{name}"), cfg.data, tokenizer, train=False)
               for name in ("eval", "test") if (src := getattr(task, name)) is not None}
     cfg.model.heads = []   # the pretraining heads (ITC, ITM) are not used: listed as dropped by the init load
-    model = TaskModel(cfg.model, ImageTextClassifier(cfg.model.fusion.hidden_size, len(LABELS), "snli_ve"))
+    model = TaskModel(cfg.model, ImageTextClassifier(pooled_dim(cfg.model), len(LABELS), "snli_ve"))
     finetune.load_init(model, task.init)
     seed_all(t.seed + dist.rank)
     loader = None

@@ -122,6 +122,7 @@ def answer_vocab(task, train_items: list, output_dir: str, is_main: bool) -> lis
 def build(cfg, dist) -> launch.Built:
     from datasets.task_loader import TaskLoader, eval_batches
     from datasets.task_sets import VqaSet
+    from models.backbone import pooled_dim
     from models.tasks.base import TaskModel
     from models.tasks.vqa import VqaHead
     from models.text import load_tokenizer
@@ -133,7 +134,7 @@ def build(cfg, dist) -> launch.Built:
     train_items = [it for i, src in enumerate(task.train) for it in read_items(src, f"task.train[{i}]")]
     vocab = answer_vocab(task, train_items, t.output_dir, dist.is_main)
     cfg.model.heads = []   # the pretraining heads (ITC, ITM) are not used: listed as dropped by the init load
-    model = TaskModel(cfg.model, VqaHead(cfg.model.fusion.hidden_size, len(vocab)))
+    model = TaskModel(cfg.model, VqaHead(pooled_dim(cfg.model), len(vocab)))
     finetune.load_init(model, task.init)
     seed_all(t.seed + dist.rank)
     loader = None

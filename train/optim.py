@@ -1,4 +1,4 @@
-"""AdamW with parameter groups, and the warmup + decay LR schedule.
+"""AdamW with parameter groups, and the LR schedules (warmup + linear/cosine decay, or ALBEF/SIMLA's staircase).
 
 A torch optimizer (not DeepSpeed's "optimizer" JSON block) avoids the JIT build of fused_adam/cpu_adam; the
 ds_config must then allow it under ZeRO (`zero_allow_untested_optimizer`, set by the engine). The LambdaLR is
@@ -123,10 +123,19 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: Trai
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """LR multiplier for optimizer step `step` (0-based): linear warmup, then linear/cosine decay to min_lr_ratio."""
-    warmup = int(round(cfg.warmup_ratio * cfg.max_steps))
+    """LR multiplier (of each group's peak lr) for optimizer step `step` (0-based): linear warmup, then linear/cosine
+    decay to min_lr_ratio over the rest of max_steps; train.schedule staircase -> staircase_factor.
+
+    Warmup length W = train.warmup_steps if set, else round(warmup_ratio * max_steps). With warmup_start_ratio
+    r = 0 the warmup is (step + 1) / W, as it always was (step 0 already trains at 1/W, step W-1 at the peak). With
+    r > 0 it is r + (1 - r) * step / W: step 0 trains at r (SIMLA's warmup_lr) and the line reaches 1 at step W,
+    the first step of the decay."""
+    if cfg.schedule == "staircase":
+        return staircase_factor(step, cfg)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * cfg.max_steps))
     if step < warmup:
-        return (step + 1) / warmup
+        r = cfg.warmup_start_ratio
+        return (step + 1) / warmup if r == 0 else r + (1.0 - r) * step / warmup
     decay_steps = max(1, cfg.max_steps - warmup)
     progress = min(1.0, (step - warmup) / decay_steps)
     if cfg.schedule == "cosine":
@@ -134,6 +143,33 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     else:
         shape = 1.0 - progress
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def staircase_factor(step: int, cfg: TrainConfig) -> float:
+    """The released ALBEF/SIMLA schedule (Pretrain.py + timm CosineLRScheduler with warmup_prefix=True,
+    t_initial=epochs, warmup_t=warmup_epochs, cycle_limit=1), as the factor in effect at optimizer step `step`.
+
+    S = step_size, W = warmup_epochs, E = epochs, r = warmup_start_ratio (warmup_lr / lr), m = min_lr_ratio,
+    e = step // steps_per_epoch.
+    - Epoch 0: the loop calls sched.step(i // S) after the optimizer step of iteration i = 0, S, 2S, ... <= W*S, so
+      step k trains at stair t = 0 for k = 0 (the scheduler's initial warmup_lr) and t = min((k - 1) // S, W) for
+      k >= 1: factor r + t * (1 - r) / W while t < W, then 1 for the rest of epoch 0 (the cosine at t' = 0).
+      Stair t thus covers steps t*S+1 .. (t+1)*S: one step later than "t = k // S" reads; the peak is first used
+      at step W*S + 1 (SIMLA: step 2001).
+    - Epoch e >= 1 (sched.step(e + W) at its start, t' = e): m + 0.5 * (1 - m) * (1 + cos(pi * e / E)) for the
+      whole epoch; from e >= E on timm is past its one cycle and returns lr_min: factor m.
+    Where it differs from timm: timm's warmup_lr and lr_min are absolute lrs shared by every parameter group; here
+    they are fractions of each group's own lr, so the two agree exactly when every group has lr_mult 1 (SIMLA).
+    A warmup longer than epoch 0 is cut off by epoch 1's cosine, as in the official loop."""
+    sc = cfg.staircase
+    r, m, W = cfg.warmup_start_ratio, cfg.min_lr_ratio, sc.warmup_epochs
+    epoch = step // sc.steps_per_epoch
+    if epoch == 0:
+        t = 0 if step == 0 else min((step - 1) // sc.step_size, W)
+        return r + t * (1.0 - r) / W if t < W else 1.0
+    if epoch >= sc.epochs:
+        return m
+    return m + 0.5 * (1.0 - m) * (1.0 + math.cos(math.pi * epoch / sc.epochs))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:

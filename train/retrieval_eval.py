@@ -122,7 +122,9 @@ def embed_all(model, to_device, media_batches: Iterable[dict], texts: dict, *, t
         b = to_device({"input_ids": ids[s:s + text_batch_size], "attention_mask": mask[s:s + text_batch_size]})
         t = model.encode_text(b["input_ids"], b["attention_mask"])
         txt_embs.append(itc(text_global=t[:, 0])[1].float().cpu())
-        text_tokens.append(t.cpu())
+        # the fusion's text input: these tokens (co-attention) or the caption embeddings (single stream)
+        f = t if model.fuses_text_encoding else model.fusion_text(b["input_ids"], b["attention_mask"])
+        text_tokens.append(f.cpu())
     txt_emb = torch.cat(txt_embs)
     return Embedded(image_tokens, num_frames, torch.cat(text_tokens), mask.clone(), img_emb @ txt_emb.T, device,
                     time.perf_counter() - start)

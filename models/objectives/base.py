@@ -7,6 +7,7 @@ An objective is one file holding its config dataclass and an `Objective` subclas
   heads          the backbone heads it uses ("itc", "itm"); the backbone builds them
   pretrain_only  True: `convert_checkpoint.py to-finetune` drops its parameters and its config entry
   batch_keys     optional batch keys it reads (datasets/batch.py), e.g. MLM's collator-masked text
+  families       the model families (model.family) it works with; default both
 and implements `forward(ctx) -> ObjectiveOutput` (unweighted, named losses). Optional class methods:
 `official_config(cfg)` (the setting the official code's cost corresponds to, for train/flops.py) and
 `check_run(cfg, run)` (rules against the rest of the run config).
@@ -33,10 +34,16 @@ class BuildEnv:
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.passes: dict[str, nn.Module] = {}
+        self.momentum_modules: dict[str, float] = {}   # submodule path -> EMA coefficient (objective-owned heads)
 
     @property
     def special_ids(self) -> list[int]:
         return sorted({int(i) for i in self.tokenizer.all_special_ids})
+
+    def momentum_copy(self, name: str, coefficient: float) -> None:
+        """Ask for a momentum (EMA) copy of submodule `name` of the model being built (a dotted path from it, e.g.
+        "objectives.xmm_image.head"); the model copies it with the shared passes' momentum modules, at the end."""
+        self.momentum_modules[name] = coefficient
 
     def use(self, kind: type, **settings):
         """The one instance of shared pass `kind` for this model (created on first use), with these settings."""
@@ -56,6 +63,7 @@ class Objective(nn.Module):
     heads: ClassVar[tuple[str, ...]] = ()
     pretrain_only: ClassVar[bool] = True
     batch_keys: ClassVar[tuple[str, ...]] = ()
+    families: ClassVar[tuple[str, ...]] = ("coattention", "single_stream")
 
     def __init__(self, cfg, env: BuildEnv):
         super().__init__()

@@ -138,6 +138,7 @@ class GlsclPasses(Pass):
 class MGSC(Objective):
     name, Config = "mgsc", MgscConfig
     reads = (ImageEncoding, TextEncoding, GlsclPasses)
+    families = ("coattention",)   # its passes read the image stream's fusion outputs
 
     def __init__(self, cfg: MgscConfig, env: BuildEnv):
         super().__init__(cfg, env)
@@ -165,6 +166,7 @@ class MLTC(Objective):
     """Reuses MGSC's passes A and B, so it masks with MGSC's ratios (the defaults when MGSC is off)."""
     name, Config = "mltc", MltcConfig
     reads = (ImageEncoding, TextEncoding, GlsclPasses)
+    families = ("coattention",)
 
     def __init__(self, cfg: MltcConfig, env: BuildEnv):
         super().__init__(cfg, env)

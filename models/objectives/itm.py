@@ -93,7 +93,7 @@ class ITM(Objective):
             scores = ctx.get(ContrastiveScores) if self.cfg.hard_negatives else None
             neg_text = sample_negatives(None if scores is None else scores.i2t, same)
             neg_image = sample_negatives(None if scores is None else scores.t2i, same)
-        text, image = ctx.text, ctx.image.tokens
+        text, image = ctx.fusion_text, ctx.image.tokens
         fuse = lambda t, m, v: ctx.model.fuse(t, m, ImageTokens(v, ctx.num_frames), text_out="cls", image_out="cls")
         if self.cfg.pairs == "b":
             with torch.no_grad():

@@ -61,7 +61,7 @@ class MLM(Objective):
         super().__init__(cfg, env)
         self.masker = build_masker(cfg, env.tokenizer)
         self.mask_token_id = env.tokenizer.mask_token_id
-        self.head = MLMHead(env.backbone.fusion.hidden_size, env.backbone.text.vocab_size)
+        self.head = MLMHead(env.backbone.hidden_size, env.backbone.text.vocab_size)
 
     @classmethod
     def check_run(cls, cfg, run) -> None:
@@ -75,14 +75,20 @@ class MLM(Objective):
             masked, labels = ctx.mlm_input_ids, ctx.mlm_labels
         else:
             masked, labels = self.masker(ctx.input_ids, ctx.attention_mask)
-        if not (labels != -100).any():  # nothing selected (e.g. a batch of empty captions): nothing to predict
-            return ObjectiveOutput({"mlm": self.head(ctx.text[:, :1]).float().sum() * 0.0},
-                                   {"mlm_acc": torch.zeros((), device=labels.device)})
-        out = ctx.model.fuse(ctx.model.encode_text(masked, ctx.attention_mask), ctx.attention_mask, ctx.image,
-                             image_out="none")  # only text tokens are read
         where = labels != -100
+        scale = 1.0
+        if not where.any():
+            # Nothing selected (e.g. a batch of empty captions): the same passes on a zero-weight stand-in target
+            # (each caption's first token). Skipping them would hang ZeRO-3, where every rank must run the same
+            # modules in the same order.
+            where = torch.zeros_like(where)
+            where[:, 0] = True
+            labels = ctx.input_ids.masked_fill(~where, -100)
+            scale = 0.0
+        out = ctx.model.fuse(ctx.model.fusion_text(masked, ctx.attention_mask), ctx.attention_mask, ctx.image,
+                             image_out="none")  # only text tokens are read
         logits = self.head(out.text[where]).float()
         target = labels[where]
-        loss = F.cross_entropy(logits, target)
-        acc = (logits.argmax(-1) == target).float().mean()
+        loss = F.cross_entropy(logits, target) * scale
+        acc = (logits.argmax(-1) == target).float().mean() * scale
         return ObjectiveOutput({"mlm": loss}, {"mlm_acc": acc.detach()})

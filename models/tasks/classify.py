@@ -6,7 +6,7 @@
     loss         "<name>": cross-entropy against batch["labels"] (B,) int64, the mean over the batch
     stats        "<name>_acc": the batch's accuracy (argmax)
 
-Build as TaskModel(cfg with heads=[], ImageTextClassifier(hidden, 3, "snli_ve")).
+Build as TaskModel(cfg with heads=[], ImageTextClassifier(pooled_dim(cfg), 3, "snli_ve")).
 """
 from __future__ import annotations
 
@@ -51,17 +51,18 @@ class ClassifierHead(nn.Module):
 
 
 class ImageTextClassifier(ClassifierHead):
-    """One image, one text: the MLP on the pooled fusion features (2h -> 2h -> num_classes)."""
+    """One image, one text: the MLP on the pooled fusion features (in_dim -> in_dim -> num_classes; in_dim = 2h for
+    the co-attention fusion's [text CLS; image CLS])."""
 
-    def __init__(self, hidden: int, num_classes: int, name: str):
+    def __init__(self, in_dim: int, num_classes: int, name: str):
         super().__init__(num_classes, name)
-        if hidden < 1:
-            raise ValueError(f"{type(self).__name__}: hidden must be >= 1, got {hidden}")
-        self.classifier = mlp_classifier(2 * hidden, 2 * hidden, num_classes)
+        if in_dim < 1:
+            raise ValueError(f"{type(self).__name__}: in_dim must be >= 1, got {in_dim}")
+        self.classifier = mlp_classifier(in_dim, in_dim, num_classes)
 
     def logits(self, backbone, batch: dict) -> torch.Tensor:
         """(B, num_classes). The classifier is called as a module, so ZeRO-3 gathers its weights here too."""
         image = backbone.encode_image(batch["pixel_values"])
-        text = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+        text = backbone.fusion_text(batch["input_ids"], batch["attention_mask"])
         fused = backbone.fuse(text, batch["attention_mask"], image, text_out="cls", image_out="cls")
         return self.classifier(fused.cls_feats)

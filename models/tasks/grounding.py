@@ -51,16 +51,16 @@ def itm_gradcam(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, atte
     unimodal towers run without a graph, the fusion with one, from detached leaves (the backward stops there)."""
     if "itm" not in getattr(model, "heads", ()):
         raise ValueError("Grad-CAM grounding scores with the ITM head; this model has none")
-    idx = check_layer(layer, len(model.fusion.layers))
+    idx = check_layer(layer, len(model.fusion_layers))
     with torch.no_grad():
         image = model.encode_image(pixel_values)
-        text = model.encode_text(input_ids, attention_mask)
+        text = model.fusion_text(input_ids, attention_mask)
     # The probabilities are taken by a forward hook placed ahead of any other on the layer's text->image attention
     # module: under ZeRO-3, DeepSpeed's own forward hook hands the caller stand-ins for a module's outputs (identity
     # nodes for its backward-time parameter gathering), and the stand-in for the probabilities returned in
     # FusionOutput.text_to_image_attentions is not on the path to the score; the module's own tensor is.
     seen = []
-    handle = model.fusion.layers[idx].text.cross_attn.register_forward_hook(
+    handle = model.text_to_image_attention(idx).register_forward_hook(
         lambda module, args, output: seen.append(output[1]), prepend=True)
     try:
         with torch.enable_grad():

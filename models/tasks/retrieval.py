@@ -110,7 +110,7 @@ class Rank(Objective):
         text_idx = torch.cat([rows, neg[valid]])
         image_idx = torch.cat([rows, rows[:, None].expand(b, n)[valid]])
         image = ctx.image
-        s = self.score(ctx.model, ctx.text[text_idx], ctx.attention_mask[text_idx],
+        s = self.score(ctx.model, ctx.fusion_text[text_idx], ctx.attention_mask[text_idx],
                        ImageTokens(image.tokens[image_idx], image.num_frames)).float()
         negatives = s.new_full((b, n), float("-inf"))
         negatives[valid] = s[b:]

@@ -49,7 +49,9 @@ def test_contract_lists_every_key_once_with_its_producers():
     assert K.keys_of(K.EVAL) == K.keys_of(K.TRAIN) | {"source", "caption"}
     assert K.keys_of(K.ENGINE) == {"step"}
     assert K.keys_of(K.TASK) == {"image_ids", "index"} and K.keys_of(K.TASK_EVAL) == {"index", "valid"}
-    assert set(K.CONTRACT) == K.keys_of(K.TRAIN, K.EVAL, K.TEXT_MASKER, K.ENGINE, K.TASK, K.TASK_EVAL)
+    assert K.keys_of(K.TOKENIZER_VIEW) == {"tokenizer_pixels"}
+    assert set(K.CONTRACT) == K.keys_of(K.TRAIN, K.EVAL, K.TEXT_MASKER, K.TOKENIZER_VIEW, K.ENGINE, K.TASK,
+                                        K.TASK_EVAL)
 
 
 def _fake_masker(input_ids, attention_mask, *, generator):

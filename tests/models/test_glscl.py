@@ -173,7 +173,7 @@ def test_mgsc_mltc_equal_formulas_and_only_predictions_get_gradient(model_factor
         got, want = grads(losses[name]), grads(ref[name])
         assert got.keys() == want.keys(), name
         for n in want:
-            torch.testing.assert_close(got[n], want[n], rtol=1e-3, atol=1e-6, msg=f"{name}: {n}")
+            torch.testing.assert_close(got[n], want[n], rtol=1e-3, atol=1e-5, msg=f"{name}: {n}")  # float32 noise: 3e-6 seen
     # ... and not those of a version whose targets carry gradient (so the comparison above has power).
     undetached = _ref_losses(model, b, cache, detach=False)
     for name in ref:

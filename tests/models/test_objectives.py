@@ -156,6 +156,7 @@ class _FakeItmCtx:
         b = ids.shape[0]
         self.input_ids, self.attention_mask = ids, torch.ones_like(ids)
         self.text = torch.arange(b, dtype=torch.float)[:, None, None].expand(b, 3, 1).clone()   # row i = i
+        self.fusion_text = self.text   # the co-attention family fuses the text encoding itself
         self.image = ImageTokens(torch.arange(b, dtype=torch.float)[:, None, None].expand(b, 5, 1).clone(), 1)
         self.num_frames = 1
         self.calls = []

@@ -113,7 +113,7 @@ def test_load_init_refuses_a_file_with_more_types_than_the_model(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config()
     cfg.heads = []
-    model = TaskModel(cfg, ImageTextClassifier(cfg.fusion.hidden_size, 3, "snli_ve"))
+    model = TaskModel(cfg, ImageTextClassifier(2 * cfg.fusion.hidden_size, 3, "snli_ve"))
     with pytest.raises(ConfigError, match=r"fusion\.token_type\.weight has shape \(3, 64\), the model needs \(2, 64\)"):
         load_init(model, str(path))
 
@@ -157,7 +157,7 @@ def test_snli_ve_loss_is_cross_entropy_and_acc_the_argmax(batch):
     torch.manual_seed(0)
     cfg = tiny_config()
     cfg.heads = []
-    m = TaskModel(cfg, ImageTextClassifier(cfg.fusion.hidden_size, 3, "snli_ve")).eval()
+    m = TaskModel(cfg, ImageTextClassifier(2 * cfg.fusion.hidden_size, 3, "snli_ve")).eval()
     b = batch(b=4)
     b["labels"] = torch.tensor([0, 2, 1, 2])
     out = m(b)

@@ -17,7 +17,7 @@ def vqa_model():
     torch.manual_seed(0)
     cfg = tiny_config()
     cfg.heads = []
-    return TaskModel(cfg, VqaHead(cfg.fusion.hidden_size, NUM_ANSWERS))
+    return TaskModel(cfg, VqaHead(2 * cfg.fusion.hidden_size, NUM_ANSWERS))
 
 
 @pytest.fixture

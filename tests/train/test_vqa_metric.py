@@ -79,7 +79,7 @@ def vqa_model():
     torch.manual_seed(0)
     cfg = tiny_model_config()
     cfg.heads = []
-    return TaskModel(cfg, VqaHead(cfg.fusion.hidden_size, len(VOCAB)))
+    return TaskModel(cfg, VqaHead(2 * cfg.fusion.hidden_size, len(VOCAB)))
 
 
 @pytest.fixture(scope="module")
