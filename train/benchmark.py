@@ -122,6 +122,7 @@ def deepspeed_step_fn(model, cfg, ds_config_path: str, batch_size: int):
         engine.step()
         return loss
 
+    step.close = engine.destroy   # DeepSpeed keeps engines reachable: free its buckets when done
     return step
 
 
@@ -208,6 +209,7 @@ def main(argv=None) -> int:
     if peak:
         print(f"{'MFU':<28}{achieved / peak:10.1%}  (peak {peak:.1f} TFLOP/s)")
     print(f"samples_per_sec: {sps:.1f} mfu: {mfu}")
+    getattr(step, "close", lambda: None)()
     return 0
 
 

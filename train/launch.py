@@ -224,31 +224,34 @@ def _run_locked(entry: Entry, cfg, ds_config, dist, engine_hook, stop):
     run_config = config_to_dict(cfg)
     engine = Engine(built.model, t, ds_config, dist, built.train_loader, t.output_dir, evaluate=built.evaluate,
                     run_config=run_config, resume=False)
-    attach_momentum(engine)   # any model with momentum encoders / queues: EMA hook + checkpoint parts
-    if built.setup is not None:
-        built.setup(engine)   # checkpoint parts and after-step hooks exist before the resume reads them
-    if getattr(cfg.task, "eval_only", False):   # fine-tuning --eval_only: evaluate the --init weights, no training
-        stop_eval = stop or StopOnSignal()
-        stop_eval.attach(engine)
-        result = engine.evaluate() or {}
-        return {"step": 0, "stopped": False, "ranks_in_sync": None, "saved": None, "eval": result}
-    engine.resume()
-    if dist.is_main:
-        atomic_write_bytes(os.path.join(t.output_dir, "config.yaml"),
-                           yaml.safe_dump(run_config, sort_keys=False).encode())
-    if engine_hook is not None:
-        engine_hook(engine)
-    # SIGUSR1 (SLURM's --signal before a time limit, forwarded by slurm/common.sh) or SIGTERM (scancel,
-    # preemption): finish the step, save on every rank, return {"stopped": True, ...}.
-    own_stop = stop is None
-    if own_stop:
-        stop = StopOnSignal().install()
-    try:
-        stop.attach(engine)
-        return engine.train()
-    finally:
+    try:   # released on every path: see Engine.close
+        attach_momentum(engine)   # any model with momentum encoders / queues: EMA hook + checkpoint parts
+        if built.setup is not None:
+            built.setup(engine)   # checkpoint parts and after-step hooks exist before the resume reads them
+        if getattr(cfg.task, "eval_only", False):   # fine-tuning --eval_only: evaluate the --init weights only
+            stop_eval = stop or StopOnSignal()
+            stop_eval.attach(engine)
+            result = engine.evaluate() or {}
+            return {"step": 0, "stopped": False, "ranks_in_sync": None, "saved": None, "eval": result}
+        engine.resume()
+        if dist.is_main:
+            atomic_write_bytes(os.path.join(t.output_dir, "config.yaml"),
+                               yaml.safe_dump(run_config, sort_keys=False).encode())
+        if engine_hook is not None:
+            engine_hook(engine)
+        # SIGUSR1 (SLURM's --signal before a time limit, forwarded by slurm/common.sh) or SIGTERM (scancel,
+        # preemption): finish the step, save on every rank, return {"stopped": True, ...}.
+        own_stop = stop is None
         if own_stop:
-            stop.restore()
+            stop = StopOnSignal().install()
+        try:
+            stop.attach(engine)
+            return engine.train()
+        finally:
+            if own_stop:
+                stop.restore()
+    finally:
+        engine.close()
 
 
 def _say(msg: str, rank_zero_only: bool) -> None:

@@ -69,7 +69,16 @@ def build(stage: int, precision: str, m: float, seed: int = 0, lr: float = 1e-2)
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=cfg, dist_init_required=False)
+    BUILT.append(engine)
     return engine, EmaUpdate(engine.module), QueueState(engine.module)
+
+
+BUILT: list = []   # DeepSpeed keeps engines reachable; release_all() frees their buckets (ZeRO-3: ~2 GB each)
+
+
+def release_all() -> None:
+    while BUILT:
+        BUILT.pop().destroy()
 
 
 def pairs(engine):

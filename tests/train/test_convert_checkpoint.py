@@ -69,6 +69,7 @@ def zero3_run(tmp_path_factory):
     engine.train()
     engine.ds.eval()
     loss = _loss(engine.ds, _batch(tokenizer, seed=999))
+    engine.close()
     return {"out": out, "config": config_to_dict(cfg), "loss": loss, "tokenizer": tokenizer}
 
 

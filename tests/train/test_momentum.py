@@ -20,6 +20,12 @@ from train.momentum import EmaUpdate, QueueState
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _release_engines():
+    yield
+    me.release_all()
+
+
 def _roundtrip(state):
     buf = io.BytesIO()
     torch.save(state, buf)
