@@ -237,3 +237,28 @@ def test_resume_with_another_model_is_one_clear_error(pretrain, tmp_path):
     from train.config import ConfigError
     with pytest.raises(ConfigError, match="does not fit this run's model"):
         pretrain(tmp_path / "out", ds, "train.max_steps=2", "train.eval_every=0", *GLSCL)
+
+
+def _largest_anonymous_mapping_mib() -> int:
+    """fork() (DataLoader workers) fails with ENOMEM once one anonymous mapping outgrows RAM + swap (overcommit
+    heuristic), and adjacent anonymous mappings merge: this is the number that broke CI."""
+    largest = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) == 5:   # no path: anonymous
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                largest = max(largest, (hi - lo) >> 20)
+    return largest
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_finished_runs_release_deepspeed_buffers(pretrain, tmp_path):
+    """DeepSpeed keeps every engine reachable and ZeRO-3 reserves a reduce bucket (5e8 fp32 elements by default,
+    ~1.9 GB of address space) per engine: runs in one process (the test suite, a sweep) must not add them up."""
+    ds = write_ds_config(tmp_path, 3, "fp32")
+    pretrain(tmp_path / "a", ds, "train.max_steps=1", "train.eval_every=0")
+    before = _largest_anonymous_mapping_mib()
+    for name in ("b", "c", "d"):
+        pretrain(tmp_path / name, ds, "train.max_steps=1", "train.eval_every=0")
+    assert _largest_anonymous_mapping_mib() - before < 1024
