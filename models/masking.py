@@ -202,3 +202,30 @@ def blockwise_mask(height: int, width: int, num_masked: int, min_block: int, rng
             break
         count += added
     return mask.flatten()
+
+
+def text_guided_mask(relevance: torch.Tensor, num_masked: int, guided_ratio: float,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, N) bool: SemMIM's text-guided patch mask, exactly `num_masked` True per row.
+
+    g = round(guided_ratio * num_masked) patches are drawn without replacement with probability proportional to
+    `relevance` (B, N) (>= 0; negative and NaN count as 0), the other num_masked - g uniformly from the rest.
+    The guided draw is Gumbel-top-k (the g largest log r + Gumbel noise are a sequential draw without replacement,
+    Kool et al. 2019), so there is no loop and no host sync. Patches of zero relevance rank after every positive
+    one, in random order, so the count holds whatever the relevance (all zero: uniform). Always two full-shape
+    float64 draws (guided keys, then the uniform part), so a generator's stream does not depend on the values.
+    """
+    b, n = relevance.shape
+    if not 0 <= num_masked <= n:
+        raise ValueError(f"num_masked must be in [0, {n}], got {num_masked}")
+    if not 0 <= guided_ratio <= 1:
+        raise ValueError(f"guided_ratio must be in [0, 1], got {guided_ratio}")
+    guided = round(guided_ratio * num_masked)
+    r = torch.nan_to_num(relevance.detach().double(), nan=0.0).clamp(min=0)
+    u = torch.rand(b, n, dtype=torch.float64, device=r.device, generator=generator)
+    gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(torch.float64).tiny)))
+    # log r >= log(smallest double) > -745 and Gumbel > -7, so every positive key exceeds u - 1e4
+    key = torch.where(r > 0, r.clamp(min=torch.finfo(torch.float64).tiny).log() + gumbel, u - 1e4)
+    chosen = _ranks(-key) < guided
+    noise = torch.rand(b, n, dtype=torch.float64, device=r.device, generator=generator).masked_fill(chosen, 2.0)
+    return chosen | (_ranks(noise) < num_masked - guided)

@@ -9,9 +9,10 @@ from models.objectives.ita import ITA
 from models.objectives.itc import ITC
 from models.objectives.itm import ITM
 from models.objectives.mlm import MLM
+from models.objectives.semmim import SemMIM
 from models.objectives.simla import PSL, XmmImage, XmmText
 
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (ITC, ITA, ITM, MLM, MGSC, MLTC, XmmText, XmmImage,
-                                                                    PSL)}
+                                                                    PSL, SemMIM)}
 
 from models.tasks import retrieval as _rank  # noqa: E402,F401  registers "rank" (models/tasks/retrieval.py, its end)
