@@ -11,7 +11,7 @@ STAMP := $(VENV)/.requirements.stamp
 RUN_ENV := DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_SKIP_SHM_OP=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
            TOKENIZERS_PARALLELISM=false PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: venv demo simla-demo demo-data ablation finetune-demo test clean-runs
+.PHONY: venv demo simla-demo demo-data ablation finetune-demo simla-finetune-demo test clean-runs
 
 venv: $(STAMP)
 
@@ -64,8 +64,28 @@ finetune-demo: $(STAMP)
 	@for t in coco_retrieval msrvtt_retrieval vqa nlvr2 snli_ve grounding; do \
 		echo "== $$t: $(FT)/$$t/eval.json"; cat $(FT)/$$t/eval.json; done
 
+# The same task demos from the `make simla-demo` checkpoint (single-stream BERT; NLVR2 needs the two-image fusion the
+# family does not have). The task configs are shared; only the LR multipliers name this family's modules.
+SFT := runs/simla_finetune_demo
+SIMLA_FT = $(RUN_ENV) deepspeed train/finetune_$(1).py --deepspeed_config ds_configs/cpu_demo.json \
+	--config train/configs/finetune/demo_$(2).yaml --init $(SFT)/init.safetensors --output_dir $(SFT)/$(2) \
+	"train.lr_multipliers=$(3)"
+SIMLA_PAIR_LR := {itm_head.: 5.0, itc.: 5.0}
+simla-finetune-demo: $(STAMP)
+	test -f runs/simla_demo/checkpoints/latest || $(MAKE) simla-demo
+	$(PY) datasets/task_demo.py --out data/demo_tasks
+	mkdir -p $(SFT)
+	$(RUN_ENV) $(PY) train/convert_checkpoint.py to-finetune runs/simla_demo $(SFT)/init.safetensors
+	$(call SIMLA_FT,retrieval,coco_retrieval,$(SIMLA_PAIR_LR))
+	$(call SIMLA_FT,video_retrieval,msrvtt_retrieval,$(SIMLA_PAIR_LR))
+	$(call SIMLA_FT,vqa,vqa,{head.: 20.0})
+	$(call SIMLA_FT,snli_ve,snli_ve,{head.: 20.0})
+	$(call SIMLA_FT,grounding,grounding,$(SIMLA_PAIR_LR))
+	@for t in coco_retrieval msrvtt_retrieval vqa snli_ve grounding; do \
+		echo "== $$t: $(SFT)/$$t/eval.json"; cat $(SFT)/$$t/eval.json; done
+
 test: $(STAMP)
 	$(RUN_ENV) $(PY) -m pytest tests -q
 
 clean-runs:
-	rm -rf runs/demo runs/simla_demo runs/finetune_demo
+	rm -rf runs/demo runs/simla_demo runs/finetune_demo runs/simla_finetune_demo
