@@ -1,13 +1,15 @@
-r"""What MGSC and MLTC add over ITC + ITM + MLM, measured on the CPU demo (`make ablation`).
+r"""What MGSC, MLTC and SemMIM add over ITC + ITM + MLM, measured on the CPU demo (`make ablation`).
 
   python train/ablation.py [--seeds 42 43 44] [--steps 80] [--out runs/ablation] [--config train/configs/demo.yaml]
                            [--deepspeed_config ds_configs/cpu_demo.json] [--align-bench DIR|none]
                            [--set dotted.key=value ...] [--aggregate-only]
 
-Trains the config three ways, everything else equal (data, steps, schedule, batch, model sizes):
+Trains the config five ways, everything else equal (data, steps, schedule, batch, model sizes):
   itc_itm_mlm      objectives={itc: {}, itm: {pairs: b}, mlm: {}}
   plus_mgsc        the same + mgsc: {}
   plus_mgsc_mltc   the same + mgsc: {} + mltc: {}   (the GLSCL set; for demo.yaml this is the demo's own objectives)
+  plus_semmim      itc_itm_mlm + semmim (SEMMIM below; with model.vision.mask_token=true)
+  glscl_semmim     plus_mgsc_mltc + semmim (likewise)
 with every seed (train.seed=S), each run one subprocess
 
   python train/pretrain.py --deepspeed_config DS --config CONFIG --output_dir OUT/<variant>_seed<S> \
@@ -48,11 +50,17 @@ from typing import Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+SEMMIM = "semmim: {momentum: 0.9, num_prototypes: 256, proj_hidden: 512}"   # semmim_demo.yaml's demo values
 VARIANTS = [   # (name, label, objectives override)
     ("itc_itm_mlm", "ITC+ITM+MLM", "{itc: {}, itm: {pairs: b}, mlm: {}}"),
     ("plus_mgsc", "+MGSC", "{itc: {}, itm: {pairs: b}, mlm: {}, mgsc: {}}"),
     ("plus_mgsc_mltc", "+MGSC+MLTC (GLSCL)", "{itc: {}, itm: {pairs: b}, mlm: {}, mgsc: {}, mltc: {}}"),
+    ("plus_semmim", "+SemMIM", "{itc: {}, itm: {pairs: b}, mlm: {}, " + SEMMIM + "}"),
+    ("glscl_semmim", "GLSCL+SemMIM", "{itc: {}, itm: {pairs: b}, mlm: {}, mgsc: {}, mltc: {}, " + SEMMIM + "}"),
 ]
+# overrides a variant needs besides its objectives (SemMIM masks patches with the ViT's own mask token; the other
+# variants keep the config's ViT, so their init is the same as before)
+VARIANT_SETS = {"plus_semmim": ["model.vision.mask_token=true"], "glscl_semmim": ["model.vision.mask_token=true"]}
 RETRIEVAL_KEYS = ["i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"]
 ALIGN_KEYS = ["align_global_box", "align_global_pixel", "align_local_box", "align_local_pixel"]
 STEP_KEY = "s_per_step"
@@ -73,9 +81,9 @@ def repo_path(rel: str) -> str:
 
 
 def build_command(variant_objectives: str, seed: int, steps: int, run_dir: str, config: str, ds_config: str,
-                  align_bench: Optional[str], sets: list[str]) -> list[str]:
+                  align_bench: Optional[str], sets: list[str], variant_sets: tuple = ()) -> list[str]:
     cmd = [sys.executable, repo_path("train/pretrain.py"), "--deepspeed_config", ds_config, "--config", config,
-           "--output_dir", run_dir, *sets, f"objectives={variant_objectives}", f"train.seed={seed}",
+           "--output_dir", run_dir, *sets, *variant_sets, f"objectives={variant_objectives}", f"train.seed={seed}",
            f"train.max_steps={steps}"]
     if align_bench:
         cmd.append(f"data.align_bench={align_bench}")
@@ -332,7 +340,7 @@ def main(argv=None) -> int:
     t_all = time.monotonic()
     for i, (v, label, obj, s) in enumerate(plan):
         rd = os.path.join(out, run_name(v, s))
-        cmd = build_command(obj, s, a.steps, rd, a.config, a.deepspeed_config, align, a.sets)
+        cmd = build_command(obj, s, a.steps, rd, a.config, a.deepspeed_config, align, a.sets, VARIANT_SETS.get(v, ()))
         log = os.path.join(rd, RUN_LOG)
         meta = _read_json(os.path.join(rd, RUN_META)) or {}
         state = run_state(rd, a.steps, cmd)

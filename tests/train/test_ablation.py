@@ -22,7 +22,7 @@ def test_smoke_ablation_tiny(demo_shards, tmp_path):
            "--align-bench", "none", *sets]
     p = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "[1/3] starting itc_itm_mlm_seed7 (2 remain after it)" in p.stdout
+    assert f"[1/{len(VARIANTS)}] starting itc_itm_mlm_seed7 ({len(VARIANTS) - 1} remain after it)" in p.stdout
     res = json.loads((out / "ablation.json").read_text())
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(res) >= {"date", "machine", "settings", "variants", "runs", "aggregate", "missing", "markdown"}
@@ -31,6 +31,7 @@ def test_smoke_ablation_tiny(demo_shards, tmp_path):
     assert [(r["variant"], r["seed"], r["status"]) for r in res["runs"]] == [(v, 7, "ok") for v in VARIANTS]
     for r, (v, _, objectives) in zip(res["runs"], ablation.VARIANTS):
         assert f"objectives={objectives}" in r["command"] and "train.seed=7" in r["command"]
+        assert ("model.vision.mask_token=true" in r["command"]) == ("semmim" in v)
         assert "train.max_steps=2" in r["command"] and demo_shards["paths"]["train_images"] in r["command"]
         assert r["exit_code"] == 0 and r["wall_s"] > 0
         run_dir = out / f"{v}_seed7"
@@ -42,6 +43,9 @@ def test_smoke_ablation_tiny(demo_shards, tmp_path):
               for v in VARIANTS}
     assert "loss_mgsc" not in logged["itc_itm_mlm"] and "loss_mgsc" in logged["plus_mgsc"]
     assert "loss_mltc_image" not in logged["plus_mgsc"] and "loss_mltc_image" in logged["plus_mgsc_mltc"]
+    assert "loss_semmim_mim" not in logged["plus_mgsc_mltc"] and "loss_semmim_mim" in logged["plus_semmim"]
+    assert "loss_mgsc" not in logged["plus_semmim"]
+    assert {"loss_semmim_mim", "loss_mgsc", "loss_mltc_image"} <= logged["glscl_semmim"]
     for v in VARIANTS:
         stats = res["aggregate"][v]["metrics"]
         assert set(stats) == set(KEYS) | {"s_per_step"}
@@ -50,7 +54,7 @@ def test_smoke_ablation_tiny(demo_shards, tmp_path):
 
     # a second call reuses every finished run (no training)
     p2 = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert p2.returncode == 0 and p2.stdout.count("reused (finished)") == 3, p2.stdout + p2.stderr
+    assert p2.returncode == 0 and p2.stdout.count("reused (finished)") == len(VARIANTS), p2.stdout + p2.stderr
 
 
 def write_run(root, variant, seed, steps, ev=None, step_times=None):
@@ -154,15 +158,16 @@ def test_failed_and_foreign_runs_are_missing(tmp_path, capsys):
     assert rc == 1 and res["missing"] == [f"{v}_seed1" for v in VARIANTS]
     assert all(r["status"] == "failed" and r["values"] == {} for r in res["runs"])
     assert all(a["n_ok"] == 0 for a in res["aggregate"].values())
-    assert capsys.readouterr().out.count("SKIPPED") == 3
+    assert capsys.readouterr().out.count("SKIPPED") == len(VARIANTS)
 
     out2 = tmp_path / "abl2"
     rc = ablation.main(["--out", str(out2), "--seeds", "1", "--steps", "4", "--align-bench", "none",
                         "--config", TINY, "--set", "train.lr=abc"])
     printed = capsys.readouterr().out
     res = json.loads((out2 / "ablation.json").read_text())
-    assert rc == 1 and [r["exit_code"] for r in res["runs"]] == [2, 2, 2]
-    assert printed.count("FAILED (exit status 2)") == 3 and "[3/3] starting plus_mgsc_mltc_seed1" in printed
+    n = len(VARIANTS)
+    assert rc == 1 and [r["exit_code"] for r in res["runs"]] == [2] * n
+    assert printed.count("FAILED (exit status 2)") == n and f"[{n}/{n}] starting {VARIANTS[-1]}_seed1" in printed
     log = out2 / "itc_itm_mlm_seed1" / ablation.RUN_LOG
     assert f"log: {log}" in printed and "train.lr" in log.read_text()
     assert "| ITC+ITM+MLM | 0/1 (missing seed 1) |" in printed
