@@ -50,7 +50,7 @@ from typing import Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SEMMIM = "semmim: {momentum: 0.9, num_prototypes: 256, proj_hidden: 512}"   # semmim_demo.yaml's demo values
+SEMMIM = "semmim: {momentum: 0.9, num_prototypes: 256, proj_dim: 128, proj_hidden: 512}"   # as semmim_demo.yaml
 VARIANTS = [   # (name, label, objectives override)
     ("itc_itm_mlm", "ITC+ITM+MLM", "{itc: {}, itm: {pairs: b}, mlm: {}}"),
     ("plus_mgsc", "+MGSC", "{itc: {}, itm: {pairs: b}, mlm: {}, mgsc: {}}"),
