@@ -96,3 +96,29 @@ def stop_after(step):
 def read_eval(out) -> dict:
     with open(os.path.join(out, "eval.json")) as f:
         return json.load(f)
+
+
+def full_model_state(engine) -> dict:
+    """Every parameter (gathered under ZeRO-3) and buffer of the model, and the momentum shadows, on CPU."""
+    import deepspeed
+
+    module = engine.module
+    named = list(module.named_parameters())
+    out = {}
+    with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=engine.zero_stage == 3):
+        for n, p in named:
+            out[n] = p.detach().clone()
+    for n, b in module.named_buffers():
+        out[f"buffer:{n}"] = b.detach().clone()
+    for i, s in enumerate(engine._parts["momentum"].state_dict()["shadows"]):
+        out[f"shadow:{i}"] = s
+    return out
+
+
+def keep_engine(seen: dict, stop_at=None):
+    """An engine hook: seen["engine"] = the engine; with stop_at, stop (save) after that optimizer step."""
+    def hook(engine):
+        seen["engine"] = engine
+        if stop_at is not None:
+            engine.add_after_step(lambda e, applied: e.request_stop() if e.step == stop_at else None)
+    return hook

@@ -27,21 +27,7 @@ import torch  # noqa: E402
 CONFIG = os.path.join(REPO_ROOT, "train", "configs", "semmim_tiny_test.yaml")
 
 
-def gathered(params, enabled: bool) -> list:
-    import deepspeed
-    with deepspeed.zero.GatheredParameters(list(params), enabled=enabled):
-        return [p.detach().double().clone() for p in params]
-
-
-def recurrence(q0: list, online: list, m: float, k: int) -> list:
-    """Momentum weights after k optimizer steps: m^k q0 + sum_{i=1..k} (1-m) m^(k-i) p_i, float64."""
-    out = []
-    for j, q in enumerate(q0):
-        acc = q * m ** k
-        for i in range(1, k + 1):
-            acc = acc + (1 - m) * m ** (k - i) * online[i - 1][j]
-        out.append(acc)
-    return out
+from simla_entry import gathered, recurrence  # noqa: E402  (same directory: the EMA helpers)
 
 
 def main(stage: int, out_dir: str, train_shards: str, extra: list) -> None:
@@ -52,15 +38,9 @@ def main(stage: int, out_dir: str, train_shards: str, extra: list) -> None:
     from train import pretrain
 
     rank = int(os.environ["RANK"])
-    ds_path = os.path.join(out_dir, f"ds_z{stage}.json")
-    if rank == 0:
-        with open(ds_path + f".tmp{os.getpid()}", "w") as f:
-            json.dump({"gradient_clipping": 1.0, "zero_optimization": {"stage": stage}}, f)
-        os.replace(ds_path + f".tmp{os.getpid()}", ds_path)
-    else:
-        import time
-        while not os.path.exists(ds_path):
-            time.sleep(0.05)
+    ds_path = os.path.join(out_dir, f"ds_z{stage}_rank{rank}.json")   # one file per rank: no rank waits for another
+    with open(ds_path, "w") as f:
+        json.dump({"gradient_clipping": 1.0, "zero_optimization": {"stage": stage}}, f)
     cfg, ds_cfg = pretrain.prepare([
         "--deepspeed_config", ds_path, "--config", CONFIG, "--output_dir", os.path.join(out_dir, "run"),
         f'data.train=[{{shards: "{train_shards}", modality: image}}]', "data.eval=[]", "train.save_every=0", *extra])

@@ -54,15 +54,9 @@ def main(stage: int, out_dir: str, train_shards: str, extra: list) -> None:
     from train import pretrain
 
     rank = int(os.environ["RANK"])
-    ds_path = os.path.join(out_dir, f"ds_z{stage}.json")
-    if rank == 0:
-        with open(ds_path + f".tmp{os.getpid()}", "w") as f:
-            json.dump({"gradient_clipping": 1.0, "zero_optimization": {"stage": stage}}, f)
-        os.replace(ds_path + f".tmp{os.getpid()}", ds_path)
-    else:
-        import time
-        while not os.path.exists(ds_path):
-            time.sleep(0.05)
+    ds_path = os.path.join(out_dir, f"ds_z{stage}_rank{rank}.json")   # one file per rank: no rank waits for another
+    with open(ds_path, "w") as f:
+        json.dump({"gradient_clipping": 1.0, "zero_optimization": {"stage": stage}}, f)
     cfg, ds_cfg = pretrain.prepare([
         "--deepspeed_config", ds_path, "--config", CONFIG, "--output_dir", os.path.join(out_dir, "run"),
         f'data.train=[{{shards: "{train_shards}", modality: image}}]', "data.eval=[]", "model.text.dropout=0.0",

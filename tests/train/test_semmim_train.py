@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, data_overrides, read_metrics, write_ds_config
+from conftest import full_model_state, keep_engine, REPO_ROOT, data_overrides, read_metrics, write_ds_config
 
 SEMMIM_TINY = str(REPO_ROOT / "train" / "configs" / "semmim_tiny_test.yaml")
 ENTRY = REPO_ROOT / "tests" / "train" / "semmim_entry.py"
@@ -104,32 +104,11 @@ def test_two_ranks_zero3_ema_recurrence_and_centers_from_gathered_teacher_means(
 TIMING = ("samples_per_sec", "samples_per_sec_per_rank", "data_time", "step_time")
 
 
-def _state(engine) -> dict:
-    """Every parameter (gathered under ZeRO-3) and buffer of the model, and the momentum shadows, on CPU."""
-    import deepspeed
-
-    module = engine.module
-    named = list(module.named_parameters())
-    out = {}
-    with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=engine.zero_stage == 3):
-        for n, p in named:
-            out[n] = p.detach().clone()
-    for n, b in module.named_buffers():
-        out[f"buffer:{n}"] = b.detach().clone()
-    for i, s in enumerate(engine._parts["momentum"].state_dict()["shadows"]):
-        out[f"shadow:{i}"] = s
-    return out
-
-
 def _run_and_keep(out, ds, demo, *extra, stop_at=None):
     seen = {}
-
-    def hook(engine):
-        seen["engine"] = engine
-        if stop_at is not None:
-            engine.add_after_step(lambda e, applied: e.request_stop() if e.step == stop_at else None)
+    hook = keep_engine(seen, stop_at)
     result = _pretrain(out, ds, *data_overrides(demo), "train.save_every=0", "data.eval=[]", *extra, hook=hook)
-    return result, _state(seen["engine"])
+    return result, full_model_state(seen["engine"])
 
 
 @pytest.mark.parametrize("stage", [0, 3])

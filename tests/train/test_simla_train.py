@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, read_metrics, write_ds_config
+from conftest import full_model_state, keep_engine, REPO_ROOT, read_metrics, write_ds_config
 
 SIMLA_TINY = str(REPO_ROOT / "train" / "configs" / "simla_tiny_test.yaml")
 ENTRY = REPO_ROOT / "tests" / "train" / "simla_entry.py"
@@ -126,32 +126,11 @@ def _pretrain(out, ds, *overrides, hook=None):
     return pretrain.run(cfg, ds_cfg, engine_hook=hook)
 
 
-def _state(engine) -> dict:
-    """Every parameter (gathered under ZeRO-3) and buffer of the model, and the momentum shadows, on CPU."""
-    import deepspeed
-
-    module = engine.module
-    named = list(module.named_parameters())
-    out = {}
-    with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=engine.zero_stage == 3):
-        for n, p in named:
-            out[n] = p.detach().clone()
-    for n, b in module.named_buffers():
-        out[f"buffer:{n}"] = b.detach().clone()
-    for i, s in enumerate(engine._parts["momentum"].state_dict()["shadows"]):
-        out[f"shadow:{i}"] = s
-    return out
-
-
 def _run_and_keep(out, ds, demo, *extra, stop_at=None):
     seen = {}
-
-    def hook(engine):
-        seen["engine"] = engine
-        if stop_at is not None:
-            engine.add_after_step(lambda e, applied: e.request_stop() if e.step == stop_at else None)
+    hook = keep_engine(seen, stop_at)
     result = _pretrain(out, ds, *_data(demo), "train.save_every=0", "data.eval=[]", *extra, hook=hook)
-    return result, _state(seen["engine"])
+    return result, full_model_state(seen["engine"])
 
 
 @pytest.mark.parametrize("stage", [0, 3])
