@@ -136,10 +136,13 @@ def image_embedding(get, pixel_values: torch.Tensor, tokens: Optional[ImageToken
     return get("itc")(image_global=(cls if image_in is None else image_in(cls)).mean(1))[0]
 
 
-def text_embedding(get, input_ids, attention_mask):
-    text = get("text")
-    encode = getattr(text, "encode", text)   # the single-stream BERT's text mode, or the text tower
-    cls = encode(input_ids, attention_mask)[:, 0]
+def text_embedding(get, input_ids, attention_mask, hidden: Optional[torch.Tensor] = None):
+    """hidden: the text tower's output (text mode) for these ids, if already computed."""
+    if hidden is None:
+        text = get("text")
+        encode = getattr(text, "encode", text)   # the single-stream BERT's text mode, or the text tower
+        hidden = encode(input_ids, attention_mask)
+    cls = hidden[:, 0]
     text_in = get("fusion.text_in")
     return get("itc")(text_global=cls if text_in is None else text_in(cls))[1]
 

@@ -80,9 +80,10 @@ class ContrastiveScores(Pass):
 
 
 class MomentumFeatures(NamedTuple):
-    image: torch.Tensor   # (B, E) L2-normalised retrieval embeddings of the momentum encoders
-    text: torch.Tensor
+    image: Optional[torch.Tensor]   # (B, E) L2-normalised retrieval embeddings of the momentum encoders (None
+    text: Optional[torch.Tensor]    # without an ITC head: a reader that only needs the tokens)
     image_tokens: ImageTokens   # the momentum vision tower's output (before any fusion input projection)
+    text_tokens: torch.Tensor   # (B, L, D) the momentum text tower's output in text mode (before any projection)
 
 
 class MomentumEncoding(Pass):
@@ -93,7 +94,8 @@ class MomentumEncoding(Pass):
     @classmethod
     def create(cls, env, **settings) -> "MomentumEncoding":
         inst = cls(**settings)
-        inst.momentum_modules = tuple(env.backbone.retrieval_modules)
+        heads = env.backbone.heads
+        inst.momentum_modules = tuple(n for n in env.backbone.retrieval_modules if n != "itc" or "itc" in heads)
         return inst
 
     def compute(self, ctx) -> MomentumFeatures:
@@ -102,9 +104,13 @@ class MomentumEncoding(Pass):
         with torch.no_grad():
             out = get("vision")(ctx.pixel_values)
             tokens = ImageTokens(out.tokens, out.num_frames)
-            image = image_embedding(get, ctx.pixel_values, tokens)
-            text = text_embedding(get, ctx.input_ids, ctx.attention_mask)
-        return MomentumFeatures(image, text, tokens)
+            text_tower = get("text")
+            hidden = getattr(text_tower, "encode", text_tower)(ctx.input_ids, ctx.attention_mask)
+            image = text = None
+            if "itc" in self.momentum_modules:
+                image = image_embedding(get, ctx.pixel_values, tokens)
+                text = text_embedding(get, ctx.input_ids, ctx.attention_mask, hidden)
+        return MomentumFeatures(image, text, tokens, hidden)
 
 
 class StepContext:

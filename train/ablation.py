@@ -2,7 +2,7 @@ r"""What MGSC, MLTC and SemMIM add over ITC + ITM + MLM, measured on the CPU dem
 
   python train/ablation.py [--seeds 42 43 44] [--steps 80] [--out runs/ablation] [--config train/configs/demo.yaml]
                            [--deepspeed_config ds_configs/cpu_demo.json] [--align-bench DIR|none]
-                           [--set dotted.key=value ...] [--aggregate-only]
+                           [--set dotted.key=value ...] [--variants NAME ...] [--aggregate-only]
 
 Trains the config five ways, everything else equal (data, steps, schedule, batch, model sizes):
   itc_itm_mlm      objectives={itc: {}, itm: {pairs: b}, mlm: {}}
@@ -10,7 +10,7 @@ Trains the config five ways, everything else equal (data, steps, schedule, batch
   plus_mgsc_mltc   the same + mgsc: {} + mltc: {}   (the GLSCL set; for demo.yaml this is the demo's own objectives)
   plus_semmim      itc_itm_mlm + semmim (SEMMIM below; with model.vision.mask_token=true)
   glscl_semmim     plus_mgsc_mltc + semmim (likewise)
-with every seed (train.seed=S), each run one subprocess
+with every seed (train.seed=S), each run one subprocess (--variants: only those, e.g. the rows a change touches)
 
   python train/pretrain.py --deepspeed_config DS --config CONFIG --output_dir OUT/<variant>_seed<S> \
       [--set overrides ...] objectives=... train.seed=S train.max_steps=STEPS [data.align_bench=DIR]
@@ -50,7 +50,7 @@ from typing import Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SEMMIM = "semmim: {momentum: 0.9, num_prototypes: 256, proj_dim: 128, proj_hidden: 512}"   # as semmim_demo.yaml
+SEMMIM = "semmim: {momentum: 0.9, num_prototypes: 256, proj_dim: 128, proj_hidden: 512, centering: sinkhorn}"  # demo
 VARIANTS = [   # (name, label, objectives override)
     ("itc_itm_mlm", "ITC+ITM+MLM", "{itc: {}, itm: {pairs: b}, mlm: {}}"),
     ("plus_mgsc", "+MGSC", "{itc: {}, itm: {pairs: b}, mlm: {}, mgsc: {}}"),
@@ -298,6 +298,8 @@ def main(argv=None) -> int:
                    help="ALIGN-BENCH dir for data.align_bench (default data/demo/align_bench if it exists; none: off)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a dotted override passed to every run (repeatable)")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                   help=f"only these variants (default: all of {', '.join(v for v, _, _ in VARIANTS)})")
     p.add_argument("--aggregate-only", action="store_true", help="train nothing; aggregate the run dirs there")
     a = p.parse_args(argv)
 
@@ -307,6 +309,11 @@ def main(argv=None) -> int:
 
     if a.steps < 1:
         return error(f"--steps: expected >= 1, got {a.steps}")
+    known = [v for v, _, _ in VARIANTS]
+    unknown = [v for v in a.variants or () if v not in known]
+    if unknown:
+        return error(f"--variants: unknown {unknown}; expected some of {known}")
+    variants = [x for x in VARIANTS if a.variants is None or x[0] in a.variants]
     if len(set(a.seeds)) != len(a.seeds):
         return error(f"--seeds: repeated seed in {a.seeds}")
     for s in a.sets:
@@ -333,8 +340,8 @@ def main(argv=None) -> int:
     # exports RANK/MASTER_PORT, a launcher its world) would make it join, or collide on, someone else's port.
     rendezvous = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in rendezvous}
-    plan = [(v, label, obj, s) for v, label, obj in VARIANTS for s in a.seeds]
-    print(f"ablation: {len(VARIANTS)} variants x {len(a.seeds)} seeds = {len(plan)} runs of {a.steps} steps "
+    plan = [(v, label, obj, s) for v, label, obj in variants for s in a.seeds]
+    print(f"ablation: {len(variants)} variants x {len(a.seeds)} seeds = {len(plan)} runs of {a.steps} steps "
           f"({a.config}) -> {out}" + (f"; ALIGN-BENCH {align}" if align else "; no ALIGN-BENCH set"), flush=True)
     runs = []
     t_all = time.monotonic()
@@ -376,8 +383,8 @@ def main(argv=None) -> int:
                      "exit_code": meta.get("exit_code"), "command": shlex.join(meta.get("command") or cmd),
                      "wall_s": wall, "wall_s_per_step": round(wall / a.steps, 3) if wall else None, "values": values})
 
-    names = [v for v, _, _ in VARIANTS]
-    labels = {v: label for v, label, _ in VARIANTS}
+    names = [v for v, _, _ in variants]
+    labels = {v: label for v, label, _ in variants}
     agg = aggregate(runs, names, a.seeds)
     table = markdown_table(agg, labels, a.seeds)
     env_keys = ("DS_ACCELERATOR", "DS_BUILD_OPS", "DS_SKIP_SHM_OP", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -388,7 +395,7 @@ def main(argv=None) -> int:
         "settings": {"config": a.config, "deepspeed_config": a.deepspeed_config, "steps": a.steps, "seeds": a.seeds,
                      "align_bench": align, "extra_overrides": a.sets, "cwd": os.getcwd(),
                      "env": {k: os.environ[k] for k in env_keys if k in os.environ}},
-        "variants": {v: {"label": label, "objectives": obj} for v, label, obj in VARIANTS},
+        "variants": {v: {"label": label, "objectives": obj} for v, label, obj in variants},
         "metrics_note": {"i2t_r1..t2i_r5": "eval.json at the last step (zero-shot retrieval on data.eval)",
                          "align_*": "eval.json, when data.align_bench is set",
                          STEP_KEY: "mean of metrics.jsonl step_time weighted by steps per record (train loop only)",

@@ -2,7 +2,7 @@
 
     python train/benchmark.py --config train/configs/glscl_4m.yaml [--batch 64] [--dtype bf16] [--steps 20]
         [--warmup 5] [--engine torch|deepspeed] [--deepspeed_config ds_configs/zero1_bf16.json]
-        [--peak-tflops 989] [key=value ...]
+        [--peak-tflops 989] [--find-max-batch 1024 [--batch-granularity 8] [--memory-budget-gib G]] [key=value ...]
 
 What one step is: VLPModel forward over the config's objectives (shared encoder passes), backward, optimizer step -
 exactly the training step minus the data loader (`datasets/benchmark.py` measures that side). Weights are random init
@@ -25,6 +25,11 @@ the dense bf16/fp16 tensor-core number of the GPU (H100/H200 SXM 989 TFLOP/s, A1
 otherwise; on CPU there is no default and MFU is not printed.
 Peak memory: CUDA's max allocated; on CPU the process's peak resident set (whole process, build included).
 Last line: `samples_per_sec: X mfu: Y` (Y = n/a without a peak).
+
+--find-max-batch LIMIT (CUDA only: a CUDA out-of-memory error is the signal): before the measurement, the largest
+micro-batch <= LIMIT whose two training steps run without running out of memory (and, with --memory-budget-gib, whose
+peak allocation stays within it) is searched by doubling from --batch, then bisecting to --batch-granularity. Each
+trial prints one line; the measurement then runs at the batch found (`largest micro-batch that fits` in the report).
 """
 from __future__ import annotations
 
@@ -94,6 +99,7 @@ def torch_step_fn(model, cfg, device, dtype: str):
         opt.zero_grad(set_to_none=True)
         return loss
 
+    step.reset = lambda: (opt.zero_grad(set_to_none=True), model.zero_grad(set_to_none=True))
     return step
 
 
@@ -123,7 +129,59 @@ def deepspeed_step_fn(model, cfg, ds_config_path: str, batch_size: int):
         return loss
 
     step.close = engine.destroy   # DeepSpeed keeps engines reachable: free its buckets when done
+    step.reset = lambda: engine.optimizer.zero_grad(set_to_none=True)   # after an out-of-memory trial
     return step
+
+
+def largest_fitting(fits, start: int, limit: int, granularity: int = 1) -> int:
+    """The largest b in [start, limit] with fits(b), for a fits that is true up to some size and false above it: double
+    from start until a size fails (or limit is reached), then bisect between the last fit and the first failure until
+    they are within `granularity`. 0 when start itself does not fit. Calls fits O(log(limit / start)) times."""
+    if not fits(start):
+        return 0
+    lo, hi = start, None
+    while hi is None:
+        b = min(2 * lo, limit)
+        if b == lo:
+            return lo
+        if fits(b):
+            lo = b
+        else:
+            hi = b
+    while hi - lo > granularity:
+        mid = lo + max(granularity, (hi - lo) // 2 // granularity * granularity)
+        if mid >= hi:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def memory_trial(step, make, device, budget_gib: float | None, log=print):
+    """fits(b) for largest_fitting: two steps of micro-batch b; False on a CUDA out-of-memory error (the step's
+    gradients are dropped and the cache emptied, so the next, smaller trial starts clean) or a peak over budget."""
+    def fits(b: int) -> bool:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            batches = [make(b, s) for s in range(2)]
+            for i in range(2):
+                step(batches[i])
+            sync(device)
+        except torch.OutOfMemoryError:
+            batches = None
+            getattr(step, "reset", lambda: None)()
+            torch.cuda.empty_cache()
+            log(f"  micro-batch {b:5d}: out of memory")
+            return False
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        ok = budget_gib is None or peak <= budget_gib
+        log(f"  micro-batch {b:5d}: peak {peak:.2f} GiB" + ("" if ok else f" > budget {budget_gib} GiB"))
+        return ok
+
+    return fits
 
 
 def sync(device):
@@ -146,6 +204,11 @@ def main(argv=None) -> int:
     ap.add_argument("--deepspeed_config", default="ds_configs/zero1_bf16.json")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--find-max-batch", type=int, default=None, metavar="LIMIT",
+                    help="CUDA: search the largest micro-batch <= LIMIT that fits, then measure at it")
+    ap.add_argument("--batch-granularity", type=int, default=8, help="the search's resolution (default 8)")
+    ap.add_argument("--memory-budget-gib", type=float, default=None,
+                    help="with --find-max-batch: a batch fits only if its peak allocation stays within this")
     ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = ap.parse_args(argv)
     try:
@@ -158,6 +221,11 @@ def main(argv=None) -> int:
     batch_size = args.batch or cfg.train.micro_batch_size
     if batch_size < 2:
         ap.error("--batch must be >= 2 (ITM and ITC need in-batch negatives)")
+    if args.find_max_batch is not None:
+        if device.type != "cuda":
+            ap.error("--find-max-batch needs a CUDA device (a CUDA out-of-memory error is the search's signal)")
+        if args.find_max_batch < batch_size or args.batch_granularity < 1:
+            ap.error(f"--find-max-batch must be >= the start batch {batch_size} and --batch-granularity >= 1")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -171,6 +239,17 @@ def main(argv=None) -> int:
         flops = count_flops_per_sample(model, make(2, 0))
     step = (torch_step_fn(model, cfg, device, dtype) if args.engine == "torch"
             else deepspeed_step_fn(model, cfg, args.deepspeed_config, batch_size))
+    largest = None
+    if args.find_max_batch is not None:
+        print(f"searching the largest micro-batch in [{batch_size}, {args.find_max_batch}] "
+              f"(granularity {args.batch_granularity})")
+        largest = largest_fitting(memory_trial(step, make, device, args.memory_budget_gib), batch_size,
+                                  args.find_max_batch, args.batch_granularity)
+        if largest == 0:
+            print(f"error: micro-batch {batch_size} does not fit", file=sys.stderr)
+            getattr(step, "close", lambda: None)()
+            return 1
+        batch_size = largest
     batches = [make(batch_size, s) for s in range(2)]  # two alternating batches: no caching of one input
 
     for i in range(args.warmup):
@@ -196,6 +275,10 @@ def main(argv=None) -> int:
     print(f"objectives {','.join(model.objectives)}; params {n_params / 1e6:.1f}M; activation checkpointing {applied}")
     print(f"{'step time':<28}{elapsed / args.steps * 1e3:10.1f} ms  (mean of {args.steps} after {args.warmup} warmup)")
     print(f"{'samples/s (this device)':<28}{sps:10.1f}")
+    if largest is not None:
+        print(f"{'largest micro-batch that fits':<28}{largest:10d}  (<= {args.find_max_batch}, granularity "
+              f"{args.batch_granularity}" + (f", budget {args.memory_budget_gib} GiB" if args.memory_budget_gib
+                                            else "") + ")")
     print(f"{'GFLOPs/sample fwd+bwd':<28}{flops / 1e9:10.1f}  (FlopCounterMode, batch 2, same device/dtype)")
     print(f"{'achieved TFLOP/s':<28}{achieved:10.1f}")
     if device.type == "cuda":

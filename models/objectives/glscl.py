@@ -13,6 +13,12 @@ MLTC: L = image_weight * nce(h^v(C)[m_v], sg h^v(B)[m_v])                 (local
         + text_weight  * nce(ag(h^t(B))[ag(m_t)], ag(sg h^t(A))[ag(m_t)])  (global batch)
       negatives are all other masked tokens in the (local/global) batch, the same sample's included.
 nce = SCL's NormSoftmaxLoss at the fixed temperature 0.03: the SUM of both directions.
+
+`image_masking: text_guided` (MGSC: pass A's dropped patches; MLTC: pass C's mask-token positions) draws
+round(text_guided_ratio x the count) of the masked patches with probability proportional to the momentum model's
+text -> patch relevance (SemMIM's text-guided masking, models/relevance.py) and the rest uniformly; the count is the
+random masking's. It adds the momentum encoders (EMA `momentum`) and one no-grad momentum fusion pass per step, shared
+with SemMIM when both run. Ours: SemMIM's masking applied to GLSCL's passes (neither paper does this).
 """
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ import torch.nn.functional as F
 
 from models.backbone import gathered_grad
 from models.fusion import FusionOutput
-from models.masking import mask_text_for_completion, random_keep_indices, random_token_mask
+from models.masking import (mask_text_for_completion, num_kept, random_keep_indices, random_token_mask,
+                            text_guided_mask)
 from models.objectives.base import BuildEnv, Objective, ObjectiveOutput, check_weight
 from models.passes import ImageEncoding, Pass, TextEncoding
+from models.relevance import RELEVANCE_SOURCES, MomentumFusion
 
 
 def nce(p: torch.Tensor, g: torch.Tensor, tau: float) -> torch.Tensor:
@@ -44,7 +52,36 @@ def _check_ratio(name: str, value: float) -> None:
 
 
 @dataclass
-class MgscConfig:
+class ImageMasking:
+    """Which patches an objective masks (fields shared by MGSC's and MLTC's configs)."""
+    image_masking: Literal["random", "text_guided"] = "random"
+    text_guided_ratio: float = 0.5   # ours: the share of the masked patches drawn by relevance, the rest uniform
+    relevance: Literal["cls", "words"] = "cls"   # the relevance's query: the caption CLS or the words' mean
+    momentum: float = 0.995          # the momentum encoders' EMA (text_guided only; must equal other users')
+
+    def validate_masking(self, prefix: str) -> None:
+        if self.image_masking not in ("random", "text_guided"):
+            raise ValueError(f"{prefix}.image_masking: expected 'random' or 'text_guided', got {self.image_masking!r}")
+        if not 0 <= self.text_guided_ratio <= 1:
+            raise ValueError(f"{prefix}.text_guided_ratio must be in [0, 1], got {self.text_guided_ratio}")
+        if self.relevance not in RELEVANCE_SOURCES:
+            raise ValueError(f"{prefix}.relevance: expected one of {RELEVANCE_SOURCES}, got {self.relevance!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"{prefix}.momentum must be in [0, 1), got {self.momentum}")
+
+    def use_relevance(self, env) -> bool:
+        if self.image_masking == "text_guided":
+            MomentumFusion.require(env, self.relevance, self.momentum)
+        return self.image_masking == "text_guided"
+
+
+def guided_mask(ctx, num_masked: int, guided_ratio: float) -> torch.Tensor:
+    """(B, P) bool, exactly num_masked True per row, drawn by the momentum model's text -> patch relevance."""
+    return text_guided_mask(ctx.get(MomentumFusion).relevance, num_masked, guided_ratio)
+
+
+@dataclass
+class MgscConfig(ImageMasking):
     weight: float = 1.0
     temperature: float = 0.03  # fixed; SCL HEAD reads an undefined msm_temp, 928b1cd had scl_temp = 0.03 (§1.9)
     image_mask_ratio: float = 0.8  # fraction of patches dropped in pass A
@@ -65,10 +102,11 @@ class MgscConfig:
             raise ValueError(f"objectives.mgsc.temperature must be > 0, got {self.temperature}")
         _check_ratio("objectives.mgsc.image_mask_ratio", self.image_mask_ratio)
         _check_ratio("objectives.mgsc.text_mask_ratio", self.text_mask_ratio)
+        self.validate_masking("objectives.mgsc")
 
 
 @dataclass
-class MltcConfig:
+class MltcConfig(ImageMasking):
     weight: float = 1.0
     temperature: float = 0.03
     image_token_mask_ratio: float = 0.3  # fraction of patch embeddings replaced by the mask token in pass C
@@ -88,6 +126,7 @@ class MltcConfig:
         _check_ratio("objectives.mltc.image_token_mask_ratio", self.image_token_mask_ratio)
         check_weight("objectives.mltc.image_weight", self.image_weight)
         check_weight("objectives.mltc.text_weight", self.text_weight)
+        self.validate_masking("objectives.mltc")
 
 
 class GlsclPassesOut(NamedTuple):
@@ -100,11 +139,13 @@ class GlsclPassesOut(NamedTuple):
 
 class GlsclPasses(Pass):
     """GLSCL's masked passes A and B, shared by MGSC and MLTC. Settings (all users must agree): image_mask_ratio,
-    text_mask_ratio, text_mask_sampling (MGSC's config; the defaults when only MLTC runs) and tokens ("cls": the last
-    fusion layer computes only the CLS tokens MGSC reads; "all": MLTC also reads every token)."""
+    text_mask_ratio, text_mask_sampling, image_masking, text_guided_ratio (MGSC's config; the defaults when only MLTC
+    runs) and tokens ("cls": the last fusion layer computes only the CLS tokens MGSC reads; "all": MLTC also reads
+    every token)."""
     name, kind = "glscl", "pass"
     defaults = dict(image_mask_ratio=MgscConfig.image_mask_ratio, text_mask_ratio=MgscConfig.text_mask_ratio,
-                    text_mask_sampling=MgscConfig.text_mask_sampling)
+                    text_mask_sampling=MgscConfig.text_mask_sampling, image_masking=MgscConfig.image_masking,
+                    text_guided_ratio=MgscConfig.text_guided_ratio)
 
     def __init__(self, mask_token_id: int, special_ids: list[int], **settings):
         super().__init__(**settings)
@@ -120,8 +161,13 @@ class GlsclPasses(Pass):
 
     def compute(self, ctx) -> GlsclPassesOut:
         model = ctx.model
-        keep = random_keep_indices(ctx.pixel_values.shape[0], model.vision.num_patches,
-                                   1.0 - self.setting("image_mask_ratio"), ctx.pixel_values.device)
+        patches, keep_ratio = model.vision.num_patches, 1.0 - self.setting("image_mask_ratio")
+        if self.setting("image_masking") == "text_guided":   # drop as many patches as random dropping would
+            kept = num_kept(patches, keep_ratio)
+            dropped = guided_mask(ctx, patches - kept, self.setting("text_guided_ratio"))
+            keep = dropped.float().argsort(dim=1, stable=True)[:, :kept].sort(dim=1).values
+        else:
+            keep = random_keep_indices(ctx.pixel_values.shape[0], patches, keep_ratio, ctx.pixel_values.device)
         # Read from A: frame CLS (MGSC) and text tokens (MLTC targets, MGSC text target = its CLS);
         # from B: text and frame CLS (MGSC), plus all tokens when MLTC runs. The last fusion layer computes only those.
         tokens = self.settings.get("tokens", "cls")
@@ -143,7 +189,9 @@ class MGSC(Objective):
     def __init__(self, cfg: MgscConfig, env: BuildEnv):
         super().__init__(cfg, env)
         env.use(GlsclPasses, image_mask_ratio=cfg.image_mask_ratio, text_mask_ratio=cfg.text_mask_ratio,
-                    text_mask_sampling=cfg.text_mask_sampling)
+                    text_mask_sampling=cfg.text_mask_sampling, image_masking=cfg.image_masking,
+                    text_guided_ratio=cfg.text_guided_ratio)
+        cfg.use_relevance(env)
 
     def forward(self, ctx) -> ObjectiveOutput:
         p = ctx.get(GlsclPasses)
@@ -171,6 +219,7 @@ class MLTC(Objective):
     def __init__(self, cfg: MltcConfig, env: BuildEnv):
         super().__init__(cfg, env)
         env.use(GlsclPasses, tokens="all")
+        self.guided = cfg.use_relevance(env)
         # SCL's code initialises visual_mask_token with randn (N(0, 1)); by default we use trunc-normal std 0.02 like
         # the ViT's own cls/pos embeddings (BEiT/SimMIM), so the masked embedding is on the patch embeddings' scale.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, env.backbone.vision.embed_dim))
@@ -189,7 +238,11 @@ class MLTC(Objective):
         f, bsz = ctx.num_frames, ctx.pixel_values.shape[0]
         model = ctx.model
         num_patches = model.vision.num_patches
-        token_mask = random_token_mask(bsz, num_patches, c.image_token_mask_ratio, ctx.pixel_values.device)
+        if self.guided:   # as many positions as random_token_mask masks
+            n = max(1, min(num_patches, int(c.image_token_mask_ratio * num_patches + 1e-6)))
+            token_mask = guided_mask(ctx, n, c.text_guided_ratio)
+        else:
+            token_mask = random_token_mask(bsz, num_patches, c.image_token_mask_ratio, ctx.pixel_values.device)
         self.last_token_mask = token_mask   # for inspection (tests); not state
         image_c = model.encode_image(ctx.pixel_values, token_mask=token_mask, mask_token=self.mask_token)
         pass_c = model.fuse(ctx.text, ctx.attention_mask, image_c, text_out="none")  # only image tokens are read

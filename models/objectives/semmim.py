@@ -16,14 +16,20 @@ shared by global and patch features; h_m, the momentum copies (EMA) of the encod
   after the loss: c <- center_momentum c + (1 - center_momentum) mean over every rank's batch of the teacher logits
                   (c_g over global logits, c_p over all patch logits; DINO/iBOT centering against collapse), in
                   train mode only, once per micro-batch
+  `centering: sinkhorn` replaces softmax((l - c) / tau_t) by Sinkhorn-Knopp over every rank's rows (SwAV, DINOv2):
+      each prototype gets an equal share of the batch's images (q_g) or masked patches (q_i). The centers are still
+      updated and logged. Measured on the demo: DINO centering lets a fast (EMA 0.9) teacher collapse onto ~2 of 256
+      prototypes within 40 steps (the EMA center lags the teacher); Sinkhorn keeps them in use (README).
 Features entering h: the ViT CLS through the fusion's image input projection (global, `global_feature: vision`) or
 the fusion's image-stream CLS (`fusion`), and the fusion's image-stream patch outputs; all of width model.fusion.
 Softmaxes, centering and the centers (float32 buffers, saved with the model) stay in float32 under bf16.
 
-Ours (the paper leaves them open), as config keys: K, the head sizes, both temperatures (DINO's), the center
-momentum, the mask ratio, the guided fraction, the relevance source, the global feature, the predictor (default: the
-shared head itself) and every loss weight; fixed in code: separate global and patch centers (iBOT) and the momentum
-text tower encoding the targets' caption. Image-only for now (a video batch is refused).
+Ours (the paper leaves them open), as config keys: K, the head sizes, both temperatures (DINO's), the centering and
+the center momentum, the mask ratio, the guided fraction, the relevance source, the global feature, the predictor
+(default: the shared head itself) and every loss weight; fixed in code: separate global and patch centers (iBOT) and the momentum
+text tower encoding the targets' caption. Video (F frames): tube masking (the same patch positions masked in every
+frame, drawn from the frame-averaged relevance), the global feature is the mean of the frame CLS tokens, and every
+frame's masked patches are MIM rows.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from models.masking import text_guided_mask
 from models.objectives.base import BuildEnv, Objective, ObjectiveOutput, check_weight
 from models.passes import MomentumEncoding, TextEncoding
+from models.relevance import MomentumFusion
 
 MASK_TOKEN_NEEDED = "objectives.semmim: needs the ViT's mask token (set model.vision.mask_token: true)"
 
@@ -54,6 +61,8 @@ class SemmimConfig:
     teacher_temp_start: Optional[float] = None   # ours: null = constant; else ramps linearly to teacher_temp ...
     teacher_temp_warmup_steps: int = 0           # ... over these optimizer steps (DINO's warm-up)
     center_momentum: float = 0.9     # ours: DINO's center EMA
+    centering: Literal["mean", "sinkhorn"] = "mean"   # ours: DINO's EMA center, or Sinkhorn-Knopp (SwAV, DINOv2)
+    sinkhorn_iters: int = 3          # ours: Sinkhorn-Knopp iterations (SwAV's and DINOv2's 3)
     momentum: float = 0.995          # ours: the momentum encoders' EMA (ALBEF's); must equal other momentum users'
     mask_ratio: float = 0.4          # ours: round(mask_ratio * patches) masked per image (BEiT-like 40%)
     text_guided_ratio: float = 0.5   # ours: fraction of the masked patches drawn by text relevance, rest uniform
@@ -64,7 +73,7 @@ class SemmimConfig:
     def validate(self) -> None:
         for key in ("weight", "agree_weight", "mim_weight"):
             check_weight(f"objectives.semmim.{key}", getattr(self, key))
-        for key in ("num_prototypes", "proj_dim", "proj_hidden"):
+        for key in ("num_prototypes", "proj_dim", "proj_hidden", "sinkhorn_iters"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"objectives.semmim.{key} must be an int >= 1, got {v!r}")
@@ -86,7 +95,7 @@ class SemmimConfig:
         if not 0 <= self.text_guided_ratio <= 1:
             raise ValueError(f"objectives.semmim.text_guided_ratio must be in [0, 1], got {self.text_guided_ratio}")
         for key, allowed in (("relevance", ("cls", "words")), ("global_feature", ("vision", "fusion")),
-                             ("predictor", ("head", "mlp"))):
+                             ("predictor", ("head", "mlp")), ("centering", ("mean", "sinkhorn"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"objectives.semmim.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
 
@@ -144,9 +153,29 @@ def sharpen(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Te
     return F.softmax((logits.float() - center.float()) / temp, dim=-1)
 
 
+@torch.no_grad()
+def sinkhorn(logits: torch.Tensor, temp: float, iters: int, gather) -> torch.Tensor:
+    """Teacher probabilities by Sinkhorn-Knopp over the whole batch of every rank: starting from each row's
+    softmax(logits / temp), alternately rescale so that every prototype receives an equal share (1/K) of the rows'
+    mass and every row sums to 1 (ending on the rows). Equal use of the prototypes is then enforced per batch instead
+    of through an EMA center that lags a fast-moving teacher. `gather` concatenates over ranks."""
+    q = F.softmax(logits.float() / temp, dim=-1)
+    total = lambda v: gather(v[None]).sum(0)   # noqa: E731  (sum over ranks)
+    rows, k = total(q.new_tensor(float(q.shape[0]))), q.shape[-1]
+    for _ in range(iters):
+        q = q / (total(q.sum(0)) * k / rows).clamp(min=1e-30)   # every column sums to rows / K over all ranks
+        q = q / q.sum(-1, keepdim=True)
+    return q
+
+
 def soft_ce(student_logits: torch.Tensor, target: torch.Tensor, temp: float) -> torch.Tensor:
     """mean over rows of -sum_k target_k log_softmax(student_logits / temp)_k, float32."""
     return -(target * F.log_softmax(student_logits.float() / temp, dim=-1)).sum(-1).mean()
+
+
+def tube(mask: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, N) patch mask -> (B, F, N): the same positions in every frame."""
+    return mask[:, None].expand(mask.shape[0], frames, mask.shape[1])
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
@@ -156,25 +185,12 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 class Targets(NamedTuple):
     relevance: torch.Tensor       # (B, N) text -> patch attention
     global_logits: torch.Tensor   # (B, K) momentum head on the full view's global feature
-    patch_logits: torch.Tensor    # (B, N, K) momentum head on the text-injected patch features
-
-
-def momentum_fusion(m, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, text_queries: int):
-    """The momentum fusion layers on projected momentum tokens (one image frame) -> (last image-stream tokens, the
-    last layer's text -> image attention (B, heads, text_queries or Lt, Nv)). Mirrors FusionEncoder.forward on the
-    momentum copies of fusion.layers and fusion.token_type (the poolers are not needed)."""
-    layers, token_type = m.copy_of("fusion.layers"), m.copy_of("fusion.token_type")
-    types = token_type(torch.arange(2, device=text.device))
-    t, v, mask = text + types[0], image + types[1], text_mask.bool()
-    last = len(layers) - 1
-    for i, block in enumerate(layers):
-        t, v, t2v, _ = block(t, mask, v, None, i == last, text_queries if i == last else -1, -1)
-    return v, t2v
+    patch_logits: torch.Tensor    # (B, F, N, K) momentum head on the text-injected patch features
 
 
 class SemMIM(Objective):
     name, Config = "semmim", SemmimConfig
-    reads = (TextEncoding, MomentumEncoding)
+    reads = (TextEncoding, MomentumEncoding, MomentumFusion)
     heads = ("itc",)   # the momentum pass copies the retrieval path, ITC head included
     families = ("coattention",)   # reads the fusion's image stream
 
@@ -189,18 +205,13 @@ class SemMIM(Objective):
         if cfg.predictor == "mlp":
             self.predictor = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.centers = Centers(cfg.num_prototypes)
-        self.register_buffer("special_ids", torch.tensor(env.special_ids, dtype=torch.long), persistent=False)
-        env.use(MomentumEncoding, coefficient=cfg.momentum)
-        # the momentum fusion: its layers and type embeddings (MomentumEncoding copies its input projections)
-        for name in ("fusion.layers", "fusion.token_type", f"objectives.{self.name}.head"):
-            env.momentum_copy(name, cfg.momentum)
+        MomentumFusion.require(env, cfg.relevance, cfg.momentum)   # the teacher's fusion and the relevance
+        env.momentum_copy(f"objectives.{self.name}.head", cfg.momentum)
 
     @classmethod
     def check_run(cls, cfg, run) -> None:
         if not run.model.vision.mask_token:
             raise ValueError(MASK_TOKEN_NEEDED)
-        if any(s.modality == "video" for s in run.data.train):
-            raise ValueError("objectives.semmim: image-only for now, but data.train has a video source")
 
     def teacher_temp_at(self, step: Optional[int]) -> float:
         c = self.cfg
@@ -211,32 +222,23 @@ class SemMIM(Objective):
 
     @torch.no_grad()
     def targets(self, ctx) -> Targets:
-        """The momentum model on the full image and the caption (no gradient)."""
-        m = ctx.model.momentum
-        ids, amask = ctx.input_ids, ctx.attention_mask
-        image = m.copy_of("fusion.image_in")(ctx.get(MomentumEncoding).image_tokens.tokens)
-        text = m.copy_of("fusion.text_in")(m.copy_of("text")(ids, amask))
-        words = self.cfg.relevance == "words"
-        z, att = momentum_fusion(m, text, amask, image, -1 if words else 1)
-        att = att.float().mean(1)[..., 1:]   # (B, Lq, N): heads averaged, image CLS column dropped
-        if words:
-            w = (amask.bool() & ~torch.isin(ids, self.special_ids)).float()
-            w[:, 0] += (w.sum(1) == 0).float()   # a caption without words falls back to its CLS
-            relevance = (att * w[..., None]).sum(1) / w.sum(1, keepdim=True)
-        else:
-            relevance = att[:, 0]
-        glob = image[:, 0] if self.cfg.global_feature == "vision" else z[:, 0]
-        b, n = relevance.shape
-        logits = m.copy_of(f"objectives.{self.name}.head")(torch.cat([glob, z[:, 1:].flatten(0, 1)]))
-        return Targets(relevance, logits[:b], logits[b:].unflatten(0, (b, n)))
+        """The momentum model on the full image and the caption (the shared MomentumFusion pass), then the momentum
+        head (no gradient)."""
+        mf = ctx.get(MomentumFusion)
+        f = ctx.pixel_values.shape[1]
+        glob = (mf.image if self.cfg.global_feature == "vision" else mf.fused)[:, :f].mean(1)   # frame CLS mean
+        b, n = mf.relevance.shape
+        head = ctx.model.momentum.copy_of(f"objectives.{self.name}.head")
+        logits = head(torch.cat([glob, mf.fused[:, f:].flatten(0, 1)]))
+        return Targets(mf.relevance, logits[:b], logits[b:].unflatten(0, (b, f, n)))
 
     def student(self, ctx, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, K) global and (B * |M|, K) masked-patch logits of the online model on the masked image."""
-        model = ctx.model
-        image = model.encode_image(ctx.pixel_values, token_mask=mask)   # the ViT's own mask token
+        """(B, K) global and (B * F * |M|, K) masked-patch logits of the online model on the masked image."""
+        model, f = ctx.model, ctx.pixel_values.shape[1]
+        image = model.encode_image(ctx.pixel_values, token_mask=mask)   # the ViT's own mask token, tubes for video
         z = model.fuse(ctx.text, ctx.attention_mask, image, text_out="none").image
-        glob = image.tokens[:, 0] if self.cfg.global_feature == "vision" else z[:, 0]
-        patches = z[:, 1:][mask]
+        glob = (image.tokens if self.cfg.global_feature == "vision" else z)[:, :f].mean(1)
+        patches = z[:, f:].unflatten(1, (f, mask.shape[1]))[tube(mask, f)]
         if self.cfg.predictor == "mlp":
             patches = self.predictor(patches)
         b = glob.shape[0]
@@ -245,32 +247,41 @@ class SemMIM(Objective):
 
     def forward(self, ctx) -> ObjectiveOutput:
         c = self.cfg
-        if ctx.pixel_values.shape[1] != 1:
-            raise ValueError(f"objectives.semmim: image-only for now (got {ctx.pixel_values.shape[1]} frames)")
         t = self.targets(ctx)
         mask = text_guided_mask(t.relevance, self.num_masked, c.text_guided_ratio)
+        rows = tube(mask, t.patch_logits.shape[1])   # the masked patches of every frame
         self.last_mask = mask   # for inspection (tests); not state
         s_global, s_patch = self.student(ctx, mask)
         temp = self.teacher_temp_at(ctx.step)
         with torch.no_grad():
-            q_global = sharpen(t.global_logits, self.centers.global_, temp)
-            q_all = sharpen(t.patch_logits, self.centers.patch, temp)   # (B, N, K)
+            if c.centering == "sinkhorn":   # over the rows the loss uses: the images, the masked patches
+                q_global = sinkhorn(t.global_logits, temp, c.sinkhorn_iters, ctx.gather)
+                q_patch = sinkhorn(t.patch_logits[rows], temp, c.sinkhorn_iters, ctx.gather)
+            else:
+                q_global = sharpen(t.global_logits, self.centers.global_, temp)
+                q_patch = sharpen(t.patch_logits[rows], self.centers.patch, temp)   # (B F |M|, K)
         agree = soft_ce(s_global, q_global, c.student_temp)
-        mim = soft_ce(s_patch, q_all[mask], c.student_temp)
-        stats = self.stats(t, mask, q_all, agree, mim)
+        mim = soft_ce(s_patch, q_patch, c.student_temp)
+        stats = self.stats(t, mask, q_patch, s_patch, agree, mim)
         if self.training:   # after the loss: the targets above used the old centers
             g = ctx.gather
             self.centers.update("global_", g(t.global_logits.float()).mean(0), c.center_momentum)
-            self.centers.update("patch", g(t.patch_logits.float().mean(1)).mean(0), c.center_momentum)
+            self.centers.update("patch", g(t.patch_logits.float().mean((1, 2))).mean(0), c.center_momentum)
         return ObjectiveOutput({"semmim_agree": c.agree_weight * agree, "semmim_mim": c.mim_weight * mim}, stats)
 
     @torch.no_grad()
-    def stats(self, t: Targets, mask, q_all, agree, mim) -> dict[str, torch.Tensor]:
-        h = entropy(q_all.flatten(0, 1).mean(0))   # this rank's batch-mean teacher patch distribution
+    def stats(self, t: Targets, mask, q, s_patch, agree, mim) -> dict[str, torch.Tensor]:
+        # Collapse shows two ways: every patch on the same few prototypes (low usage entropy of the batch mean) or
+        # every target uniform (high per-target entropy, CE -> log K); the guard needs both.
+        h = entropy(q.mean(0))   # this rank's batch-mean masked-patch target distribution
+        target_h = -(q * q.clamp(min=1e-12).log()).sum(-1).mean()
+        s = F.softmax(s_patch.detach().float() / self.cfg.student_temp, dim=-1)
         rel = t.relevance.float()
         rel = rel / rel.sum(1, keepdim=True).clamp(min=1e-12) * rel.shape[1]   # 1 = uniform
         return {"semmim_agree_ce": agree.detach(), "semmim_mim_ce": mim.detach(),
                 "semmim_prototype_entropy": h, "semmim_effective_prototypes": h.exp(),
+                "semmim_target_entropy": target_h,
+                "semmim_student_effective_prototypes": entropy(s.mean(0)).exp(),
                 "semmim_center_norm_global": self.centers.global_.norm(),
                 "semmim_center_norm_patch": self.centers.patch.norm(),
                 "semmim_masked": mask.float().sum(1).mean(),

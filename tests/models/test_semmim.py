@@ -122,11 +122,70 @@ def test_losses_and_center_update_equal_float64_reference(tokenizer, step, temp)
     torch.testing.assert_close(losses["semmim_agree"].double(), 0.7 * agree, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(losses["semmim_mim"].double(), 1.3 * mim, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(out["loss"].double(), 0.5 * (0.7 * agree + 1.3 * mim), rtol=2e-5, atol=2e-6)
+    # the collapse guard's statistics: usage of the batch-mean target and of the batch-mean student prediction
+    # (exp of the entropy = effective number of prototypes), and the mean entropy of one target
+    q = torch.softmax((t_patch[mask] - c_patch.double()) / temp, dim=-1)
+    p = torch.softmax(s_patch[mask] / 0.1, dim=-1)
+    h = lambda d: -(d * d.log()).sum(-1)
+    stats = {k: v.double() for k, v in out["stats"].items()}
+    torch.testing.assert_close(stats["semmim_effective_prototypes"], h(q.mean(0)).exp(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["semmim_student_effective_prototypes"], h(p.mean(0)).exp(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["semmim_target_entropy"], h(q).mean(), rtol=1e-5, atol=1e-5)
     # centers after the step: EMA 0.9 with the batch mean of the teacher logits (all patches for c_p)
     torch.testing.assert_close(obj.centers.global_.double(), 0.9 * c_global.double() + 0.1 * t_global.mean(0),
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(obj.centers.patch.double(), 0.9 * c_patch.double() + 0.1 * t_patch.mean((0, 1)),
                                rtol=1e-5, atol=1e-6)
+
+
+def ref_sinkhorn(teacher, t_temp, iters):
+    """Sinkhorn-Knopp as a matrix scaling diag(u) P diag(v) of P = softmax(teacher / t_temp) (float64): v gives every
+    prototype n / K of the mass, u makes every row sum to 1; `iters` rounds of (v, u), starting from u = 1."""
+    p = torch.softmax(teacher.double() / t_temp, dim=-1)
+    n, k = p.shape
+    u = torch.ones(n, dtype=torch.float64)
+    for _ in range(iters):
+        v = (n / k) / (u @ p)
+        u = 1 / (p @ v)
+    return u[:, None] * p * v[None, :]
+
+
+@pytest.mark.parametrize("iters", [3, 1])
+def test_sinkhorn_centering_losses_equal_float64_reference(tokenizer, iters):
+    """centering: sinkhorn: the teacher targets are the Sinkhorn-Knopp scaling of the sharpened teacher over the
+    images (global) and over the masked patches (MIM); the EMA centers play no part in them."""
+    cfg = small(centering="sinkhorn", sinkhorn_iters=iters, teacher_temp=0.05)
+    model = perturb(build(tokenizer, {"semmim": cfg}))
+    obj = model.objectives["semmim"]
+    b = make_batch(tokenizer)
+    out = model(b)
+    mask = obj.last_mask
+    image_m, fused_m = momentum_reference(model, b)
+    head_m = model.momentum.copy_of("objectives.semmim.head")
+    with torch.no_grad():
+        q_global = ref_sinkhorn(ref_head(head_m, image_m[:, 0]), 0.05, iters)
+        q_patch = ref_sinkhorn(ref_head(head_m, fused_m.image[:, 1:])[mask], 0.05, iters)
+        image, fused = student_features(model, b, mask)
+        s_global = torch.log_softmax(ref_head(obj.head, image[:, 0]) / 0.1, -1)
+        s_patch = torch.log_softmax(ref_head(obj.head, fused[:, 1:])[mask] / 0.1, -1)
+    torch.testing.assert_close(out["losses"]["semmim_agree"].double(), -(q_global * s_global).sum(-1).mean(),
+                               rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(out["losses"]["semmim_mim"].double(), -(q_patch * s_patch).sum(-1).mean(),
+                               rtol=2e-5, atol=2e-6)
+
+
+def test_sinkhorn_converges_to_equal_prototype_use():
+    """Run long enough, Sinkhorn-Knopp balances the prototypes exactly: rows are distributions and every prototype
+    gets n / K of them, even when every row prefers the same prototype (the collapse it guards against)."""
+    n, k = 40, 8
+    logits = 0.1 * torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    logits[:, 3] += 0.5   # every row's favourite
+    q = semmim_module.sinkhorn(logits, 0.05, 200, lambda t: t)
+    torch.testing.assert_close(q.sum(1), torch.ones(n))
+    torch.testing.assert_close(q.sum(0), torch.full((k,), n / k), rtol=1e-4, atol=1e-4)
+    assert (q.argmax(1) == 3).float().mean() < 0.5   # no longer one prototype for all
+    plain = torch.softmax(logits / 0.05, -1)
+    assert (plain.argmax(1) == 3).all()
 
 
 def test_centers_do_not_move_in_eval_mode(tokenizer):
@@ -162,6 +221,64 @@ def test_mask_is_drawn_from_the_momentum_text_to_patch_attention(tokenizer, monk
         expected.append(att[i, words].mean(0) if use_words else att[i, 0])
     torch.testing.assert_close(seen["rel"].double(), torch.stack(expected), rtol=1e-5, atol=1e-7)
     assert seen["num_masked"] == 6 and seen["guided_ratio"] == 0.75
+
+
+# ------------------------------------------------- text-guided masking as the masking provider of MGSC and MLTC
+def cls_relevance(model, b, frames=1):
+    """The caption CLS's last-layer attention over patch positions, heads averaged, frame CLS columns dropped and
+    frames averaged (float64), from a FusionEncoder holding the momentum weights."""
+    _, fused_m = momentum_reference(model, b)
+    att = fused_m.text_to_image_attentions[-1].double().mean(1)[:, 0, frames:]   # (B, F N)
+    return att.unflatten(-1, (frames, att.shape[-1] // frames)).mean(1)
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_mgsc_and_mltc_text_guided_masks_come_from_the_momentum_relevance(tokenizer, monkeypatch, frames):
+    """`image_masking: text_guided`: pass A drops exactly as many patches as random dropping (80% of 16 -> keeps 3),
+    pass C masks int(0.3 x 16) = 4 positions; both are text_guided_mask draws over the momentum model's caption-CLS
+    -> patch relevance (one momentum fusion per step, shared), and pass A keeps exactly the patches not drawn."""
+    import models.objectives.glscl as glscl_module
+    from models.objectives.glscl import GlsclPasses, MgscConfig, MltcConfig
+    from models.passes import StepContext
+
+    guided = dict(image_masking="text_guided", momentum=0.9, text_guided_ratio=0.75)
+    model = build(tokenizer, {"mgsc": MgscConfig(**guided), "mltc": MltcConfig(**guided)}, mask_token=False)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in itertools.chain(model.parameters(), model.momentum.parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    calls = []
+
+    def spy(rel, num_masked, guided_ratio, generator=None):
+        out = text_guided_mask(rel, num_masked, guided_ratio, generator)
+        calls.append(dict(rel=rel, num_masked=num_masked, guided_ratio=guided_ratio, mask=out))
+        return out
+
+    monkeypatch.setattr(glscl_module, "text_guided_mask", spy)
+    b = make_batch(tokenizer, frames=frames)
+    ctx = StepContext(model, b)
+    keep = ctx.get(GlsclPasses).keep
+    model.objectives["mltc"](ctx)
+    assert [c["num_masked"] for c in calls] == [16 - 3, 4] and all(c["guided_ratio"] == 0.75 for c in calls)
+    expected = cls_relevance(model, b, frames)
+    for c in calls:
+        torch.testing.assert_close(c["rel"].double(), expected, rtol=1e-5, atol=1e-7)
+    kept = [(~m).nonzero()[:, 0] for m in calls[0]["mask"]]
+    assert torch.equal(keep, torch.stack(kept))
+    assert torch.equal(model.objectives["mltc"].last_token_mask, calls[1]["mask"])
+    assert sum(1 for k in ctx.values if k == "momentum_fusion") == 1
+
+
+def test_text_guided_masking_shares_one_momentum_with_semmim(tokenizer):
+    from models.objectives.glscl import MgscConfig
+
+    cfg = MgscConfig(image_masking="text_guided", momentum=0.9)
+    model = build(tokenizer, {"mgsc": cfg, "semmim": small(momentum=0.9)})
+    assert "momentum_fusion" in model.passes and model.passes["momentum_fusion"].settings["relevance"] == "cls"
+    with pytest.raises(ValueError, match="disagree on relevance"):
+        build(tokenizer, {"mgsc": cfg, "semmim": small(momentum=0.9, relevance="words")})
+    with pytest.raises(ValueError, match="disagree on coefficient"):
+        build(tokenizer, {"mgsc": cfg, "semmim": small(momentum=0.995)})
 
 
 # ------------------------------------------------------------------------------------------ 3: text-guided masks
@@ -286,17 +403,47 @@ def test_bf16_keeps_float32_centers_and_finite_losses(tokenizer):
     assert centers.global_.dtype == torch.float32 and centers.global_.abs().sum() > 0   # moved in float32
 
 
-def test_video_batch_is_refused_in_one_line(tokenizer):
-    model = build(tokenizer, {"semmim": small()})
-    with pytest.raises(ValueError, match=r"^objectives\.semmim: image-only[^\n]*$"):
-        model(make_batch(tokenizer, frames=2))
+@pytest.mark.parametrize("centering", ["mean", "sinkhorn"])
+def test_video_tube_masking_and_losses_equal_float64_reference(tokenizer, centering):
+    """Video (2 frames): one mask of patch positions per clip, drawn from the frame-averaged relevance, applied to
+    every frame (tube); the global feature is the mean of the frame CLS tokens; every frame's masked patches are rows
+    of the MIM loss, and the patch center moves with the mean over all frames and patches."""
+    f, n = 2, 16
+    model = perturb(build(tokenizer, {"semmim": small(centering=centering)}))
+    obj = model.objectives["semmim"]
+    c_global, c_patch = obj.centers.global_.clone(), obj.centers.patch.clone()
+    b = make_batch(tokenizer, frames=f)
+    out = model(b)
+    mask = obj.last_mask
+    assert mask.shape == (4, n) and (mask.sum(1) == round(0.4 * n)).all()
+    image_m, fused_m = momentum_reference(model, b)
+    head_m = model.momentum.copy_of("objectives.semmim.head")
+    tubes = mask[:, None, :].repeat(1, f, 1)   # (B, F, N)
+    with torch.no_grad():
+        t_global = ref_head(head_m, image_m[:, :f].mean(1))
+        t_patch = ref_head(head_m, fused_m.image[:, f:]).reshape(4, f, n, K)
+        image, fused = student_features(model, b, mask)
+        s_global = ref_head(obj.head, image[:, :f].mean(1))
+        s_patch = ref_head(obj.head, fused[:, f:]).reshape(4, f, n, K)
+    if centering == "mean":
+        agree = ref_ce(s_global, t_global, c_global, 0.04, 0.1)
+        mim = ref_ce(s_patch[tubes], t_patch[tubes], c_patch, 0.04, 0.1)
+    else:
+        ls = lambda x: torch.log_softmax(x / 0.1, -1)
+        agree = -(ref_sinkhorn(t_global, 0.04, 3) * ls(s_global)).sum(-1).mean()
+        mim = -(ref_sinkhorn(t_patch[tubes], 0.04, 3) * ls(s_patch[tubes])).sum(-1).mean()
+    torch.testing.assert_close(out["losses"]["semmim_agree"].double(), agree, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(out["losses"]["semmim_mim"].double(), mim, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(obj.centers.patch.double(), 0.9 * c_patch.double() + 0.1 * t_patch.mean((0, 1, 2)),
+                               rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- 6: config errors
 @pytest.mark.parametrize("key, value", [("mask_ratio", 1.0), ("mask_ratio", 0.0), ("text_guided_ratio", 1.5),
                                         ("teacher_temp", 0.0), ("num_prototypes", 0), ("center_momentum", 1.0),
                                         ("relevance", "patch"), ("predictor", "linear"), ("agree_weight", -1.0),
-                                        ("teacher_temp_warmup_steps", 5)])
+                                        ("teacher_temp_warmup_steps", 5), ("centering", "swav"),
+                                        ("sinkhorn_iters", 0)])
 def test_bad_config_is_one_line_naming_the_key(key, value):
     with pytest.raises(ValueError, match=rf"^objectives\.semmim\.{key}[^\n]*$"):
         SemmimConfig(**{key: value}).validate()
@@ -311,8 +458,7 @@ def test_mask_token_off_is_refused_naming_the_key(tokenizer):
         SemMIM.check_run(small(), run)
     run.model.vision.mask_token = True
     run.data.train = [SimpleNamespace(modality="video")]
-    with pytest.raises(ValueError, match=r"^objectives\.semmim: image-only[^\n]*$"):
-        SemMIM.check_run(small(), run)
+    SemMIM.check_run(small(), run)   # video is accepted (tube masking)
 
 
 def test_single_stream_family_and_disagreeing_momentum_are_refused(tokenizer):

@@ -8,7 +8,8 @@ with a hook that records, on this rank:
   - every momentum parameter before the first step (q0) and every online parameter after each optimizer step, in
     float64 (gathered under ZeRO-3), in the order of the model's MomentumCopies pairs;
   - the teacher logits of every training forward (what SemMIM's momentum model returned: global (B, K) and the
-    patch logits averaged over the patches (B, K)), wrapped around the objective's `targets` only to read them.
+    patch logits (B, F, N, K) averaged over frames and patches (B, K)), wrapped around the objective's `targets`
+    only to read them.
 After the run it computes here, independently of train/momentum.py and the objective's center update:
   - the EMA recurrence m^k q0 + sum_i (1-m) m^(k-i) p_i for every momentum parameter vs the run's;
   - the centers as c <- cm c + (1-cm) mean(all ranks' teacher logits of that micro step), from zero, vs the run's.
@@ -60,7 +61,7 @@ def main(stage: int, out_dir: str, train_shards: str, extra: list) -> None:
             t = real(ctx)
             if obj.training:
                 rec["teacher"].append((t.global_logits.detach().double().clone(),
-                                       t.patch_logits.detach().double().mean(1)))
+                                       t.patch_logits.detach().double().flatten(1, 2).mean(1)))
             return t
         obj.targets = targets
 

@@ -143,8 +143,16 @@ def test_run_states_and_bad_arguments(tmp_path, capsys):
     assert ablation.main(["--out", str(tmp_path / "o"), "--set", "train.seed=3"]) == 2
     assert ablation.main(["--out", str(tmp_path / "o"), "--set", "objectives.mgsc.weight=2"]) == 2
     assert ablation.main(["--out", str(tmp_path / "o"), "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert ablation.main(["--out", str(tmp_path / "o"), "--variants", "plus_semmim", "plus_mim"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+    assert "--variants: unknown ['plus_mim']" in err[3]
+    # --variants: only those rows are planned and aggregated
+    assert ablation.main(["--aggregate-only", "--out", str(tmp_path / "agg"), "--seeds", "1", "--steps", "4",
+                          "--align-bench", "none", "--variants", "plus_semmim", "itc_itm_mlm"]) == 1   # all missing
+    res = json.loads((tmp_path / "agg" / "ablation.json").read_text())
+    assert list(res["aggregate"]) == ["itc_itm_mlm", "plus_semmim"]   # the table's order, not the argument's
+    assert sorted(res["missing"]) == ["itc_itm_mlm_seed1", "plus_semmim_seed1"]
 
 
 def test_failed_and_foreign_runs_are_missing(tmp_path, capsys):

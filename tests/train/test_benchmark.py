@@ -52,3 +52,39 @@ def test_smoke_single_stream_benchmark_at_toy_size(engine, capsys):
     assert float(re.search(r"peak memory \(process RSS\)\s+([0-9.]+) GiB", out).group(1)) > 0
     m = re.fullmatch(r"samples_per_sec: ([0-9.]+) mfu: n/a", out.strip().splitlines()[-1])
     assert m and float(m.group(1)) > 0
+
+
+def test_largest_fitting_finds_the_threshold_within_the_granularity():
+    """The micro-batch search against a brute-force answer: for every threshold T (sizes <= T fit), start, limit and
+    granularity g, the result fits, is within g of the largest fitting size min(T, limit), and costs O(log) trials."""
+    import math
+
+    from train.benchmark import largest_fitting
+
+    for start in (2, 3, 8):
+        for limit in (start, 17, 64, 300):
+            if limit < start:
+                continue
+            for g in (1, 4, 8):
+                for threshold in range(0, 400, 7):
+                    calls = []
+
+                    def fits(b):
+                        calls.append(b)
+                        return b <= threshold
+
+                    got = largest_fitting(fits, start, limit, g)
+                    best = max((b for b in range(start, limit + 1) if b <= threshold), default=0)
+                    if best == 0:
+                        assert got == 0
+                        continue
+                    assert got <= best and got > best - g, (start, limit, g, threshold, got, best)
+                    assert all(start <= b <= limit for b in calls)
+                    assert len(calls) <= 2 * math.ceil(math.log2(limit / start + 1)) + 2
+
+
+def test_find_max_batch_is_refused_on_cpu_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--config", TINY, "--batch", "2", "--device", "cpu", "--find-max-batch", "64"])
+    assert e.value.code == 2
+    assert "--find-max-batch needs a CUDA device" in capsys.readouterr().err
