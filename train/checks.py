@@ -47,6 +47,13 @@ def check_config(cfg, path: str) -> None:
         missing = [h for h in heads_needed(cfg.objectives) if h not in cfg.model.heads]
         if missing:
             _fail(path, "model.heads", f"the enabled objectives need {missing} too")
+    users = {n: OBJECTIVES[n].momentum_coefficient(c) for n, c in cfg.objectives.items()}
+    users = {n: m for n, m in users.items() if m is not None}
+    first, m0 = next(iter(users.items()), (None, None))
+    for name, m in users.items():   # one set of momentum encoders per model: one EMA coefficient
+        if m != m0:
+            _fail(path, f"objectives.{name}.momentum", f"{m} differs from objectives.{first}.momentum={m0}; the "
+                  "objectives share one set of momentum encoders, so they must use one EMA coefficient")
     for name, obj_cfg in cfg.objectives.items():   # each objective's own rules against the run (models/objectives)
         try:
             OBJECTIVES[name].check_run(obj_cfg, cfg)

@@ -14,7 +14,7 @@ and implements `forward(ctx) -> ObjectiveOutput` (unweighted, named losses). Opt
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -77,6 +77,12 @@ class Objective(nn.Module):
     @classmethod
     def check_run(cls, cfg, run: Any) -> None:
         """Raise ValueError("dotted.key: message") when `cfg` cannot work with the run config `run`."""
+
+    @classmethod
+    def momentum_coefficient(cls, cfg) -> Optional[float]:
+        """The EMA coefficient of the momentum encoders this objective uses (its `momentum` key), None when it uses
+        none. There is one set of momentum encoders per model, so every user must give the same value."""
+        return getattr(cfg, "momentum", None)
 
     def no_weight_decay(self) -> set[str]:
         return set()

@@ -23,7 +23,7 @@ with SemMIM when both run. Ours: SemMIM's masking applied to GLSCL's passes (nei
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -68,6 +68,9 @@ class ImageMasking:
             raise ValueError(f"{prefix}.relevance: expected one of {RELEVANCE_SOURCES}, got {self.relevance!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"{prefix}.momentum must be in [0, 1), got {self.momentum}")
+
+    def momentum_used(self) -> Optional[float]:
+        return self.momentum if self.image_masking == "text_guided" else None
 
     def use_relevance(self, env) -> bool:
         if self.image_masking == "text_guided":
@@ -193,6 +196,10 @@ class MGSC(Objective):
                     text_guided_ratio=cfg.text_guided_ratio)
         cfg.use_relevance(env)
 
+    @classmethod
+    def momentum_coefficient(cls, cfg) -> Optional[float]:
+        return cfg.momentum_used()
+
     def forward(self, ctx) -> ObjectiveOutput:
         p = ctx.get(GlsclPasses)
         a, b = p.a, p.b
@@ -230,6 +237,10 @@ class MLTC(Objective):
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
+
+    @classmethod
+    def momentum_coefficient(cls, cfg) -> Optional[float]:
+        return cfg.momentum_used()
 
     def forward(self, ctx) -> ObjectiveOutput:
         p = ctx.get(GlsclPasses)

@@ -195,6 +195,10 @@ MORE_CASES = {
                             "model.itc.max_temperature: must be a finite number, got inf"),
     "itc_old_place": (["objectives.itc.embed_dim=32"], "objectives.itc.embed_dim: unknown key (allowed: weight)"),
     "heads_missing": (["model.heads=[itc]"], "model.heads: the enabled objectives need ['itm'] too"),
+    "momentum_disagree": (["objectives.mgsc={image_masking: text_guided}",
+                           "objectives.mltc={image_masking: text_guided, momentum: 0.9}"],
+                          "objectives.mltc.momentum: 0.9 differs from objectives.mgsc.momentum=0.995; the objectives "
+                          "share one set of momentum encoders, so they must use one EMA coefficient"),
     "ita_queue": (["objectives={ita: {queue_size: 12}}"],
                   "objectives.ita.queue_size: 12 is not a multiple of train.global_batch_size 8 ..."),
     "lr_overflow": (["train.lr=1e999"], "train.lr: must be a finite number, got inf"),
@@ -368,3 +372,14 @@ def test_text_model_sizes_of_a_pretrained_directory(tmp_path):
     assert model_sizes(TextConfig(pretrained=str(tmp_path))) == {"vocab_size": 50265, "max_text_len": 512}
     assert model_sizes(TextConfig(tokenizer="minilm", max_position_embeddings=64)) == {"vocab_size": 30522,
                                                                                       "max_text_len": 64}
+
+
+def test_momentum_agreement_counts_only_objectives_that_use_momentum():
+    """MLTC masking at random has no momentum encoders, so its `momentum` key does not have to match MGSC's."""
+    from train.checks import check_config
+
+    ok = ["objectives.mgsc={image_masking: text_guided}", "objectives.mltc={momentum: 0.9}"]
+    check_config(load_config(TINY, ok), TINY)
+    with pytest.raises(ConfigError, match=r"objectives\.mltc\.momentum: 0\.9 differs"):
+        check_config(load_config(TINY, ok[:1] + ["objectives.mltc={momentum: 0.9, image_masking: text_guided}"]),
+                     TINY)
