@@ -41,8 +41,8 @@ semmim-demo: demo-data
 		--config train/configs/semmim_demo.yaml --output_dir runs/semmim_demo
 	@echo "run written to runs/semmim_demo"; cat runs/semmim_demo/eval.json
 
-# What MGSC, MLTC and SemMIM add over ITC+ITM+MLM: the demo trained 5 ways x 3 seeds (15 x 80 steps, ~60-70 min on
-# 2 cores; the SemMIM rows were added after the measured table in the README)
+# What MGSC, MLTC and SemMIM add over ITC+ITM+MLM: the demo trained 5 ways x 3 seeds (15 x 80 steps on 2 cores:
+# 31 min for the nine without SemMIM on 2026-11-30, ~75 min for the six SemMIM runs on a 3x slower day; README)
 # -> runs/ablation (ablation.json, ablation.png, a Markdown table). Finished runs are reused, crashed ones resumed.
 ablation: demo-data
 	$(RUN_ENV) $(PY) train/ablation.py
@@ -92,7 +92,7 @@ simla-finetune-demo: $(STAMP)
 		echo "== $$t: $(SFT)/$$t/eval.json"; cat $(SFT)/$$t/eval.json; done
 
 test: $(STAMP)
-	$(RUN_ENV) $(PY) -m pytest tests -q
+	$(RUN_ENV) $(PY) -m pytest tests -q --durations=15   # the slowest tests, for the CI log
 
 clean-runs:
 	rm -rf runs/demo runs/simla_demo runs/semmim_demo runs/finetune_demo runs/simla_finetune_demo

@@ -57,6 +57,18 @@ def test_smoke_ablation_tiny(demo_shards, tmp_path):
     assert p2.returncode == 0 and p2.stdout.count("reused (finished)") == len(VARIANTS), p2.stdout + p2.stderr
 
 
+def test_semmim_rows_use_the_semmim_demo_settings():
+    """The SemMIM rows claim to train semmim_demo.yaml's SemMIM (README): the ablation's SemMIM mapping, parsed, must
+    equal that config's objectives.semmim apart from the weight (the dataclass default, 1.0, as there)."""
+    import yaml
+    demo = yaml.safe_load((REPO_ROOT / "train" / "configs" / "semmim_demo.yaml").read_text())["objectives"]["semmim"]
+    ours = yaml.safe_load("{" + ablation.SEMMIM + "}")["semmim"]
+    assert demo.pop("weight") == 1.0 and ours == demo
+    for v in ("plus_semmim", "glscl_semmim"):
+        objectives = yaml.safe_load(dict((n, o) for n, _, o in ablation.VARIANTS)[v])
+        assert objectives["semmim"] == demo and ablation.VARIANT_SETS[v] == ["model.vision.mask_token=true"]
+
+
 def write_run(root, variant, seed, steps, ev=None, step_times=None):
     d = root / f"{variant}_seed{seed}"
     d.mkdir(parents=True)
