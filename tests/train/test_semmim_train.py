@@ -190,12 +190,12 @@ SEMMIM_DEMO = str(REPO_ROOT / "train" / "configs" / "semmim_demo.yaml")
 
 
 def test_collapse_guard_on_the_demo(demo_shards, tmp_path):
-    """The demo's model, data and SemMIM settings (Sinkhorn-Knopp centering), ITM and MLM left out to halve the cost,
-    30 steps x 32 through the real launcher: at every logged step the masked-patch targets and the student's
-    predictions use more than K / 4 = 64 of the 256 prototypes (effective number = exp of the entropy of the batch
-    mean; a collapse onto a few prototypes drives it to ~1). With `centering: mean` (DINO's EMA center) the same run
-    collapses: 3.8 effective prototypes by step 30 (README). Batch 16 would halve the cost but no longer separates the
-    two: with the EMA center it still held 62.6 at step 30."""
+    """The demo's model, data and SemMIM settings (Sinkhorn-Knopp centering), ITM and MLM left out to halve the cost, 30
+    steps x 32 through train/pretrain.py and the DeepSpeed engine (this process, one rank): at every logged step the
+    masked-patch targets and the student's predictions use more than K / 4 = 64 of the 256 prototypes (effective number
+    = exp of the entropy of the batch mean; a collapse onto a few prototypes drives it to ~1). With `centering: mean`
+    (DINO's EMA center) the same run collapses: 3.8 effective prototypes by step 30 (README). Batch 16 would halve the
+    cost but no longer separates the two: with the EMA center it still held 62.6 at step 30."""
     from train import pretrain
     from train.config import load_tree
 
